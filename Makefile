@@ -1,0 +1,47 @@
+# aero_lightning — set-up, demo and tests. `make demo` and `make test` work on a fresh machine (Python >= 3.10).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_CORPUS ?= data_cache/demo_corpus
+DEMO_MODEL ?= data_cache/demo_model
+DEMO_TRAIN ?= 12000
+DEMO_VAL ?= 200
+DEMO_TEST ?= 200
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all lint format clean-demo
+
+# torch is installed first and pinned, so nothing can resolve a multi-GB CUDA build by accident.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Build the espeak-ng corpus and the tiny random-init model, train on CPU, decode the test split, print WER.
+demo: install
+	$(BIN)/python -m aero_lightning.data.synth --out $(DEMO_CORPUS) --train $(DEMO_TRAIN) --val $(DEMO_VAL) --test $(DEMO_TEST)
+	$(BIN)/python -m aero_lightning.model.tiny --corpus $(DEMO_CORPUS) --out $(DEMO_MODEL)
+	$(BIN)/python train.py experiment=demo $(DEMO_ARGS)
+
+# The default test run (CPU, < 15 min): everything except `slow` and `gpu` tests.
+test: install
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean-demo:
+	rm -rf $(DEMO_CORPUS) $(DEMO_MODEL) outputs/demo

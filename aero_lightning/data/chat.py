@@ -1,0 +1,168 @@
+"""Chat prompts with audio slots, and training labels on the assistant reply only.
+
+Messages use the HF multimodal chat format::
+
+    [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Please recognize ..."}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "the cat sat"}]}]
+
+Each audio part becomes ``<|audio_bos|>`` + N x ``<|AUDIO|>`` + ``<|audio_eos|>`` (Qwen2-Audio's convention), where N
+is the number of projected audio embeddings of that clip; the LLM tokenizer's own chat template (ChatML for Qwen)
+renders the conversation. Labels are -100 everywhere except the tokens of each assistant reply and the template's
+end-of-turn token that closes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_BOS_TOKEN = "<|audio_bos|>"
+AUDIO_EOS_TOKEN = "<|audio_eos|>"
+AUDIO_SPECIAL_TOKENS = (AUDIO_BOS_TOKEN, AUDIO_TOKEN, AUDIO_EOS_TOKEN)
+
+
+@dataclass
+class EncodedChat:
+    """One tokenised conversation.
+
+    Attributes:
+        input_ids: token ids, length L.
+        labels: length L; -100 outside assistant replies.
+        num_audio_tokens: ``<|AUDIO|>`` slots per audio part, in order.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    num_audio_tokens: list[int]
+
+
+def _content_to_text(content, audio_counts: list[int], cursor: list[int]) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            parts.append(part["text"])
+        elif kind == "audio":
+            if cursor[0] >= len(audio_counts):
+                raise ValueError(
+                    f"the conversation has more audio parts than the {len(audio_counts)} audio clip(s) given"
+                )
+            n = audio_counts[cursor[0]]
+            cursor[0] += 1
+            parts.append(AUDIO_BOS_TOKEN + AUDIO_TOKEN * n + AUDIO_EOS_TOKEN)
+        else:
+            raise ValueError(f"unsupported message part type {kind!r}; expected 'text' or 'audio'")
+    return "".join(parts)
+
+
+def render_messages(messages: Sequence[dict], num_audio_tokens: Sequence[int]) -> list[dict]:
+    """Flatten multimodal messages into text messages with expanded audio slots.
+
+    Args:
+        messages: HF-style chat messages; ``content`` is a string or a list of ``text`` / ``audio`` parts.
+        num_audio_tokens: projected audio embeddings per audio part, in order of appearance.
+
+    Returns:
+        Messages whose ``content`` is a plain string, ready for ``tokenizer.apply_chat_template``.
+
+    Raises:
+        ValueError: if the number of audio parts differs from ``len(num_audio_tokens)``.
+    """
+    counts = list(num_audio_tokens)
+    cursor = [0]
+    out = [{"role": m["role"], "content": _content_to_text(m["content"], counts, cursor)} for m in messages]
+    if cursor[0] != len(counts):
+        raise ValueError(f"{len(counts)} audio clip(s) given but the conversation has {cursor[0]} audio part(s)")
+    return out
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_chat(
+    tokenizer,
+    messages: Sequence[dict],
+    num_audio_tokens: Sequence[int],
+    end_of_turn_token: str = "<|im_end|>",
+    add_generation_prompt: bool = False,
+) -> EncodedChat:
+    """Tokenise a conversation and build labels on the assistant replies.
+
+    The template is rendered incrementally: for every assistant turn the text rendered up to the generation
+    prompt is the context (labels -100), and what that turn adds is the reply; its tokens up to and including
+    ``end_of_turn_token`` get labels, anything the template adds after it (ChatML's newline) does not.
+
+    Args:
+        tokenizer: HF tokenizer with a chat template and the audio special tokens.
+        messages: chat messages (see module docstring).
+        num_audio_tokens: ``<|AUDIO|>`` slots per audio part.
+        end_of_turn_token: the template's end-of-turn token that closes a reply and is trained.
+        add_generation_prompt: for inference: drop trailing assistant turns' labels and append the generation
+            prompt (labels are all -100).
+
+    Returns:
+        :class:`EncodedChat`.
+
+    Raises:
+        ValueError: if the template is not prefix-stable (a rendered prefix is not a prefix of the whole), or on
+            an audio part / clip count mismatch.
+    """
+    flat = render_messages(messages, num_audio_tokens)
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(flat):
+        if message["role"] != "assistant":
+            continue
+        context = _render(tokenizer, flat[:i], add_generation_prompt=True)
+        full = _render(tokenizer, flat[: i + 1], add_generation_prompt=False)
+        if not context.startswith(rendered) or not full.startswith(context):
+            raise ValueError("the chat template is not prefix-stable; cannot locate assistant replies")
+        ctx_ids = _encode(tokenizer, context[len(rendered) :])
+        reply_ids = _encode(tokenizer, full[len(context) :])
+        input_ids += ctx_ids
+        labels += [IGNORE_INDEX] * len(ctx_ids)
+        if eot_id in reply_ids:
+            cut = reply_ids.index(eot_id) + 1
+        else:
+            cut = len(reply_ids)
+        input_ids += reply_ids
+        labels += reply_ids[:cut] + [IGNORE_INDEX] * (len(reply_ids) - cut)
+        rendered = full
+    if add_generation_prompt:
+        tail = _render(tokenizer, flat, add_generation_prompt=True)
+    else:
+        tail = _render(tokenizer, flat, add_generation_prompt=False)
+    if not tail.startswith(rendered):
+        raise ValueError("the chat template is not prefix-stable; cannot locate assistant replies")
+    tail_ids = _encode(tokenizer, tail[len(rendered) :])
+    input_ids += tail_ids
+    labels += [IGNORE_INDEX] * len(tail_ids)
+    if add_generation_prompt:
+        labels = [IGNORE_INDEX] * len(input_ids)
+    return EncodedChat(input_ids=input_ids, labels=labels, num_audio_tokens=list(num_audio_tokens))
+
+
+def prompt_messages(messages: Sequence[dict]) -> list[dict]:
+    """The messages up to (not including) the last assistant turn, for generation."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return list(messages[:last])
+
+
+def reference_text(messages: Sequence[dict]) -> str:
+    """Text of the last assistant turn (the reference transcript for ASR samples)."""
+    for m in reversed(messages):
+        if m["role"] == "assistant":
+            c = m["content"]
+            return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if p.get("type") == "text")
+    return ""

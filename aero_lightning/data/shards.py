@@ -1,0 +1,432 @@
+"""WebDataset shard writing, audio encoding and corpus manifests (design §5).
+
+Every prepared corpus split lives in one folder::
+
+    <folder>/<prefix>-000000.tar, <prefix>-000001.tar, ...   # WebDataset shards
+    <folder>/manifest.json                                  # counts, hours, histogram, rejects
+
+Each sample in a shard is two tar members sharing a key: ``<key>.flac`` (16 kHz mono, FLAC PCM_16, lossless)
+and ``<key>.json`` (UTF-8 JSON with sorted keys, see :func:`asr_sample_json`). Any tar tool and plain
+``webdataset.WebDataset(urls)`` can read them.
+
+Shards are byte-for-byte deterministic: tar headers carry ``mtime=0``, ``uid=gid=0``, empty user/group names
+and mode ``0o644``, and members are written in insertion order. Each shard is first written to
+``<name>.tmp`` and moved into place with :func:`os.replace`, so a crash never leaves a truncated ``.tar``.
+
+Manifest schema (``manifest.json``, written with sorted keys):
+
+- ``corpus`` (str), ``split`` (str), ``sample_rate`` (int, Hz; always 16000)
+- ``shards``: list of ``{"name": str, "num_samples": int, "duration_s": float}`` in shard order
+- ``num_samples`` (int), ``duration_s`` (float, total seconds), ``hours`` (float)
+- ``duration_histogram``: ``{"edges_s": [0, 1, 2, 5, ..., 900, null], "counts": [...]}``; bin ``i`` counts
+  samples with ``edges_s[i] <= duration_s < edges_s[i + 1]``; the last edge is ``null`` meaning +infinity
+  (JSON has no infinity), so ``len(counts) == len(edges_s) - 1``.
+- ``rejected``: list of ``{"key": str, "reason": str, "detail": str}``; ``reason`` is a short category
+  (e.g. ``"synthesis_failed"``, ``"empty_audio"``), ``detail`` the human-readable message.
+- ``rejected_counts``: ``{reason: count}``
+- any extra fields the producer adds (e.g. ``build_params``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE_HZ = 16000
+"""Sample rate of every waveform stored in our shards, in Hz."""
+
+DEFAULT_ASR_PROMPT = "Please recognize the speech and only output the recognized content:"
+"""ASR instruction used for Aero in lmms-eval (design §6)."""
+
+MANIFEST_NAME = "manifest.json"
+
+DURATION_EDGES_S: tuple[float, ...] = (0, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900, math.inf)
+"""Duration histogram bin edges in seconds; the last bin is open-ended (written as ``null``)."""
+
+
+# --------------------------------------------------------------------------------------------- audio
+
+
+def encode_flac(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE_HZ) -> bytes:
+    """Encode a mono waveform as FLAC (16-bit PCM).
+
+    Args:
+        waveform: ``(T,)`` float array with values in [-1, 1]; values outside are clipped.
+        sample_rate: sample rate of ``waveform`` in Hz.
+
+    Returns:
+        The FLAC file as bytes (deterministic for identical input).
+
+    Raises:
+        ValueError: if ``waveform`` is not one-dimensional or is empty.
+    """
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim != 1:
+        raise ValueError(f"encode_flac expects a mono (T,) waveform, got shape {waveform.shape}")
+    if waveform.size == 0:
+        raise ValueError("encode_flac got an empty waveform")
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(waveform, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode an audio file held in memory (FLAC, WAV, OGG, ... anything libsndfile reads).
+
+    Multi-channel audio is averaged down to mono.
+
+    Args:
+        data: the encoded file's bytes.
+
+    Returns:
+        ``(waveform, sample_rate)``: ``(T,)`` float32 waveform in [-1, 1] and its sample rate in Hz.
+
+    Raises:
+        soundfile.LibsndfileError: if the bytes are not a readable audio file.
+    """
+    waveform, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
+    return waveform.mean(axis=1, dtype=np.float32), int(sample_rate)  # (T,)
+
+
+# ------------------------------------------------------------------------------------- sample json
+
+
+def asr_messages(transcript: str, prompt: str = DEFAULT_ASR_PROMPT) -> list[dict[str, Any]]:
+    """Build the HF multimodal chat messages of one ASR sample.
+
+    Args:
+        transcript: the exact reference text (the assistant's reply).
+        prompt: the user's instruction that follows the audio.
+
+    Returns:
+        ``[{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": transcript}]}]``.
+    """
+    return [
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": transcript}]},
+    ]
+
+
+def asr_sample_json(
+    *,
+    corpus: str,
+    text: str,
+    duration_s: float,
+    source: str,
+    language: str = "en",
+    prompt: str = DEFAULT_ASR_PROMPT,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Build the JSON record of one ASR sample (design §5 schema).
+
+    Args:
+        corpus: corpus name, e.g. ``"demo_espeak"``.
+        text: exact transcript; also the assistant message's text.
+        duration_s: audio duration in seconds.
+        source: where the audio came from (file path, dataset id, synthesis settings, ...).
+        language: ISO 639-1 language code of the speech.
+        prompt: user instruction of the chat messages.
+        **extra: additional corpus-specific fields; must not collide with the standard ones.
+
+    Returns:
+        ``{"corpus", "task": "asr", "duration_s", "messages", "text", "language", "source", **extra}``.
+
+    Raises:
+        ValueError: if an ``extra`` key collides with a standard field.
+    """
+    record: dict[str, Any] = {
+        "corpus": corpus,
+        "task": "asr",
+        "duration_s": float(duration_s),
+        "messages": asr_messages(text, prompt),
+        "text": text,
+        "language": language,
+        "source": source,
+    }
+    clash = sorted(set(extra) & set(record))
+    if clash:
+        raise ValueError(f"extra sample fields collide with standard fields: {clash}")
+    record.update(extra)
+    return record
+
+
+# ------------------------------------------------------------------------------------------- writer
+
+
+def _tar_add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Write samples into deterministic WebDataset tar shards ``<prefix>-%06d.tar``.
+
+    Use as a context manager; on a clean exit the last shard is finalised, on an exception the unfinished
+    shard's ``.tmp`` file is removed (already finished shards stay). Shard bookkeeping is available from
+    :attr:`shards` (per-shard sample counts and audio seconds) and :attr:`durations_s` (per sample).
+
+    Args:
+        folder: output folder; created if missing.
+        prefix: shard file name prefix.
+        max_samples_per_shard: samples per shard before a new one is started (the last may hold fewer).
+
+    Example::
+
+        with ShardWriter(out, "demo_espeak-train", 1000) as writer:
+            writer.write(key, encode_flac(wave), record)
+        shards = writer.shards
+    """
+
+    def __init__(self, folder: str | os.PathLike, prefix: str, max_samples_per_shard: int = 1000) -> None:
+        if max_samples_per_shard < 1:
+            raise ValueError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard}")
+        self.folder = Path(folder)
+        self.prefix = prefix
+        self.max_samples_per_shard = int(max_samples_per_shard)
+        self.shards: list[dict[str, Any]] = []
+        self.durations_s: list[float] = []
+        self._tar: tarfile.TarFile | None = None
+        self._file: io.BufferedWriter | None = None
+        self._current: dict[str, Any] | None = None
+        self._keys: set[str] = set()
+
+    # context manager -------------------------------------------------------------------------------
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+    # public ----------------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """Number of samples written so far."""
+        return len(self.durations_s)
+
+    def write(self, key: str, audio: bytes, record: Mapping[str, Any], audio_ext: str = "flac") -> None:
+        """Append one sample.
+
+        Args:
+            key: unique sample key; no ``.`` or ``/`` (WebDataset splits the key at the first dot).
+            audio: encoded audio bytes (see :func:`encode_flac`).
+            record: the sample's JSON record; must contain ``duration_s`` (seconds).
+            audio_ext: extension of the audio member.
+
+        Raises:
+            ValueError: on a malformed or duplicate key, or a record without ``duration_s``.
+        """
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"invalid sample key {key!r}: must be non-empty without '.' or '/'")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        if "duration_s" not in record:
+            raise ValueError(f"record of {key!r} has no 'duration_s'")
+        if self._tar is None:
+            self._open_next()
+        assert self._tar is not None and self._current is not None
+        payload = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        _tar_add_bytes(self._tar, f"{key}.{audio_ext}", audio)
+        _tar_add_bytes(self._tar, f"{key}.json", payload)
+        self._keys.add(key)
+        duration_s = float(record["duration_s"])
+        self.durations_s.append(duration_s)
+        self._current["num_samples"] += 1
+        self._current["duration_s"] += duration_s
+        if self._current["num_samples"] >= self.max_samples_per_shard:
+            self._finish()
+
+    def close(self) -> None:
+        """Finalise the open shard (if any). Idempotent."""
+        if self._tar is not None:
+            self._finish()
+
+    # internals -------------------------------------------------------------------------------------
+    def _open_next(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._file = open(self.folder / f"{name}.tmp", "wb")  # noqa: SIM115 - closed in _finish/_abort
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self._current = {"name": name, "num_samples": 0, "duration_s": 0.0}
+
+    def _finish(self) -> None:
+        assert self._tar is not None and self._file is not None and self._current is not None
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        name = self._current["name"]
+        os.replace(self.folder / f"{name}.tmp", self.folder / name)
+        self._current["duration_s"] = round(self._current["duration_s"], 6)
+        self.shards.append(self._current)
+        self._tar = self._file = self._current = None
+
+    def _abort(self) -> None:
+        if self._file is not None and self._current is not None:
+            self._file.close()
+            (self.folder / f"{self._current['name']}.tmp").unlink(missing_ok=True)
+        self._tar = self._file = self._current = None
+
+
+# ----------------------------------------------------------------------------------------- manifest
+
+
+def duration_histogram(
+    durations_s: Iterable[float], edges_s: Sequence[float] = DURATION_EDGES_S
+) -> dict[str, list]:
+    """Histogram of sample durations.
+
+    Args:
+        durations_s: per-sample durations in seconds.
+        edges_s: increasing bin edges in seconds; the last may be ``math.inf``.
+
+    Returns:
+        ``{"edges_s": [...], "counts": [...]}`` with ``len(counts) == len(edges_s) - 1``; bin ``i`` holds
+        ``edges_s[i] <= d < edges_s[i + 1]``; an infinite edge is written as ``None`` (JSON ``null``).
+    """
+    edges = np.asarray(edges_s, dtype=np.float64)
+    values = np.asarray(list(durations_s), dtype=np.float64)
+    bins = np.searchsorted(edges, values, side="right") - 1  # bin i: edges[i] <= d < edges[i + 1]
+    bins = bins[(bins >= 0) & (bins < len(edges) - 1)]  # values outside [edges[0], edges[-1]) are dropped
+    counts = np.bincount(bins, minlength=len(edges) - 1)
+    return {
+        "edges_s": [
+            None if math.isinf(e) else (int(e) if float(e).is_integer() else float(e)) for e in edges
+        ],
+        "counts": [int(c) for c in counts],
+    }
+
+
+def build_manifest(
+    *,
+    corpus: str,
+    split: str,
+    shards: Sequence[Mapping[str, Any]],
+    durations_s: Sequence[float],
+    rejected: Sequence[Mapping[str, str]] = (),
+    sample_rate: int = SAMPLE_RATE_HZ,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Build the ``manifest.json`` dict of one corpus split (schema in the module docstring).
+
+    Args:
+        corpus: corpus name.
+        split: split name (``train``, ``validation``, ``test``, ...).
+        shards: per-shard ``{"name", "num_samples", "duration_s"}`` (e.g. :attr:`ShardWriter.shards`).
+        durations_s: per-sample durations in seconds (e.g. :attr:`ShardWriter.durations_s`).
+        rejected: ``{"key", "reason"[, "detail"]}`` of every input that was skipped.
+        sample_rate: sample rate of the stored audio in Hz.
+        **extra: additional top-level fields (e.g. ``build_params``).
+
+    Returns:
+        The manifest dict.
+
+    Raises:
+        ValueError: if the shard counts disagree with ``durations_s``.
+    """
+    num_samples = sum(int(s["num_samples"]) for s in shards)
+    if num_samples != len(durations_s):
+        raise ValueError(f"shards hold {num_samples} samples but {len(durations_s)} durations were given")
+    total_s = float(sum(durations_s))
+    rejected_list = [
+        {"key": str(r["key"]), "reason": str(r["reason"]), "detail": str(r.get("detail", ""))}
+        for r in rejected
+    ]
+    manifest: dict[str, Any] = {
+        "corpus": corpus,
+        "split": split,
+        "sample_rate": int(sample_rate),
+        "shards": [
+            {"name": s["name"], "num_samples": int(s["num_samples"]), "duration_s": float(s["duration_s"])}
+            for s in shards
+        ],
+        "num_samples": num_samples,
+        "duration_s": round(total_s, 6),
+        "hours": round(total_s / 3600.0, 6),
+        "duration_histogram": duration_histogram(durations_s),
+        "rejected": rejected_list,
+        "rejected_counts": dict(sorted(Counter(r["reason"] for r in rejected_list).items())),
+    }
+    manifest.update(extra)
+    return manifest
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
+    """Write ``manifest`` to ``<folder>/manifest.json`` atomically (UTF-8, sorted keys, indented).
+
+    Args:
+        folder: the split's folder; created if missing.
+        manifest: the dict from :func:`build_manifest`.
+
+    Returns:
+        Path of the written file.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MANIFEST_NAME
+    tmp = folder / f"{MANIFEST_NAME}.tmp"
+    tmp.write_text(
+        json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read ``<folder>/manifest.json``.
+
+    Args:
+        folder: a prepared corpus split folder.
+
+    Returns:
+        The manifest dict.
+
+    Raises:
+        FileNotFoundError: if the manifest is missing (the message says how to build the corpus).
+    """
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {MANIFEST_NAME} in {Path(folder).resolve()} (expected {path.resolve()}). This folder is not a "
+            "prepared corpus split. Build the offline demo corpus with "
+            "`python -m aero_lightning.data.synth --out DIR` (DIR/train, DIR/validation, DIR/test), or point "
+            "the data config at a folder of WebDataset shards with a manifest.json."
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def shard_urls(folder: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> list[str]:
+    """Absolute paths of a split's shards, in manifest order.
+
+    Args:
+        folder: a prepared corpus split folder.
+        manifest: its manifest; read from ``folder`` when ``None``.
+
+    Returns:
+        Shard file paths as strings (usable as WebDataset urls).
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder) if manifest is None else manifest
+    return [str((folder / s["name"]).resolve()) for s in manifest["shards"]]

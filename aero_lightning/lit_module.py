@@ -1,0 +1,160 @@
+"""AeroLitModule: optimisation, logging and decoding around an :class:`AeroModel` (no model maths here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from aero_lightning.metrics.wer import corpus_wer
+from aero_lightning.model.aero import AeroModel
+
+logger = logging.getLogger(__name__)
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0 to 1 over ``warmup_steps``, then cosine decay to ``min_lr_ratio``.
+
+    Source: Loshchilov & Hutter 2017, "SGDR" (cosine schedule); warmup as in Goyal et al. 2017.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class AeroLitModule(L.LightningModule):
+    """Lightning wrapper: AdamW + cosine schedule with warmup, loss/LR logging, greedy test decoding with WER.
+
+    Args:
+        model: the :class:`AeroModel`.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay on matrices (not on biases, norms and embeddings of size 1-D).
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps.
+        min_lr_ratio: final LR as a fraction of ``lr``.
+        max_new_tokens: generation budget in test decoding.
+        num_beams: beams in test decoding (1 = greedy).
+        predictions_dir: where test predictions JSONL and WER JSON are written (None: the trainer's log dir).
+    """
+
+    def __init__(
+        self,
+        model: AeroModel,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.05,
+        max_new_tokens: int = 96,
+        num_beams: int = 1,
+        predictions_dir: str | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+        self._test_records: list[dict] = []
+        self.test_metrics: dict = {}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        if not decay and not no_decay:
+            raise ValueError("every parameter is frozen: nothing to train (check model.freeze)")
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10_000
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: cosine_with_warmup(s, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ steps
+    def _forward(self, batch: dict):
+        feats, feat_lengths = self.model.compute_features(batch["audio_windows"], batch["window_lengths"])
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            input_features=feats,
+            feature_lengths=feat_lengths,
+            labels=batch.get("labels"),
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self._forward(batch)
+        loss = out.loss
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/target_tokens", out.num_target_tokens.float(), batch_size=bs, reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        out = self._forward(batch)
+        names = list(self.trainer.datamodule.val_dirs) if self.trainer.datamodule else []
+        name = names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
+        # token-weighted mean over the set: log sums, Lightning reduces with "sum" then we divide at epoch end
+        self._val_sums.setdefault(name, [0.0, 0])
+        self._val_sums[name][0] += float(out.loss_sum)
+        self._val_sums[name][1] += int(out.num_target_tokens)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: dict[str, list] = {}
+
+    def on_validation_epoch_end(self) -> None:
+        for name, (loss_sum, count) in self._val_sums.items():
+            sums = self.all_gather(torch.tensor([loss_sum, float(count)], device=self.device))
+            if sums.ndim > 1:
+                sums = sums.sum(0)
+            self.log(f"val/{name}/loss", sums[0] / sums[1].clamp_min(1), prog_bar=True, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ decoding
+    def decode_batch(self, batch: dict) -> list[str]:
+        """Greedy (or beam) decode a generation batch (left-padded prompts) into text."""
+        feats, feat_lengths = self.model.compute_features(batch["audio_windows"], batch["window_lengths"])
+        generated = self.model.generate(
+            batch["input_ids"], batch["attention_mask"], feats, feat_lengths,
+            max_new_tokens=self.hparams.max_new_tokens, num_beams=self.hparams.num_beams,
+        )
+        return self.model.tokenizer.batch_decode(generated, skip_special_tokens=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_records = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        hyps = self.decode_batch(batch)
+        for key, ref, hyp, corpus, n in zip(
+            batch["keys"], batch["references"], hyps, batch["corpora"], batch["audio_samples"].tolist()
+        ):
+            self._test_records.append(
+                {"key": key, "corpus": corpus, "reference": ref, "hypothesis": hyp.strip(), "duration_s": n / 16000}
+            )
+
+    def on_test_epoch_end(self) -> None:
+        records = self._test_records
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        result = corpus_wer([r["reference"] for r in records], [r["hypothesis"] for r in records])
+        self.test_metrics = {"wer": result.wer, **result.to_dict()}
+        self.log("test/wer", result.wer, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            out_dir = Path(self.hparams.predictions_dir or self.trainer.log_dir or ".")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / "predictions_test.jsonl", "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            (out_dir / "wer_test.json").write_text(json.dumps(self.test_metrics, indent=2))
+            self.test_metrics["predictions_path"] = str(out_dir / "predictions_test.jsonl")

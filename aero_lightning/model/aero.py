@@ -1,0 +1,439 @@
+"""AeroModel: audio encoder -> projector -> causal LLM.
+
+Audio is cut into 30 s windows, encoded (padding-free by default), projected per window, and the projected
+embeddings of all windows of all samples — in order — are scattered into the ``<|AUDIO|>`` slots of the LLM's
+input embeddings. The LLM is any HF ``AutoModelForCausalLM`` (Qwen2.5 in the Aero recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from aero_lightning.data.chat import AUDIO_SPECIAL_TOKENS, AUDIO_TOKEN, IGNORE_INDEX
+from aero_lightning.data.features import LogMelSpectrogram
+from aero_lightning.model.encoders import WhisperAudioEncoder
+from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector, Projector
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE_HZ = 16000
+WINDOW_SAMPLES = 480_000
+"""30 s at 16 kHz: the encoder's window."""
+HOP_LENGTH = 160
+"""Samples per log-mel frame (10 ms at 16 kHz)."""
+
+PROJECTORS = {"mlp_stack": MLPStackProjector, "avgpool_linear": AvgPoolProjector}
+
+
+@dataclass(frozen=True)
+class AudioTokenCounter:
+    """Number of LLM audio tokens for a clip, as a pure function of its length (picklable for data workers).
+
+    ``num_samples`` -> 30 s windows -> ``ceil(n / 160)`` log-mel frames -> encoder ``ceil(T / encoder_downsample)``
+    frames -> projector ``ceil(S / projector_downsample)`` tokens, summed over windows.
+
+    Attributes:
+        encoder_downsample: encoder frames per log-mel frame (2 for Whisper's strided conv).
+        projector_downsample: encoder frames per LLM token (2 for Aero's avg-pool, k for frame stacking).
+        window_samples: samples per window (480 000 = 30 s at 16 kHz).
+        hop_length: samples per log-mel frame (160).
+    """
+
+    encoder_downsample: int = 2
+    projector_downsample: int = 2
+    window_samples: int = WINDOW_SAMPLES
+    hop_length: int = HOP_LENGTH
+
+    def window_lengths(self, num_samples: int) -> list[int]:
+        """Samples in each 30 s window of a clip of ``num_samples`` samples (last window may be short)."""
+        if num_samples <= 0:
+            raise ValueError(f"audio must have at least one sample, got {num_samples}")
+        full, rest = divmod(int(num_samples), self.window_samples)
+        return [self.window_samples] * full + ([rest] if rest else [])
+
+    def tokens_per_window(self, window_samples: int) -> int:
+        frames = -(-window_samples // self.hop_length)
+        enc = -(-frames // self.encoder_downsample)
+        return -(-enc // self.projector_downsample)
+
+    def __call__(self, num_samples: int) -> int:
+        """Audio tokens for a clip of ``num_samples`` samples at 16 kHz."""
+        return sum(self.tokens_per_window(w) for w in self.window_lengths(num_samples))
+
+
+@dataclass
+class AeroOutput:
+    """Forward result.
+
+    Attributes:
+        logits: ``(B, L, V)``.
+        loss_sum: summed token cross-entropy over target tokens (scalar), or None without labels.
+        num_target_tokens: number of target tokens (scalar long), or None.
+    """
+
+    logits: torch.Tensor
+    loss_sum: torch.Tensor | None = None
+    num_target_tokens: torch.Tensor | None = None
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        """Mean token loss of this batch (``loss_sum / num_target_tokens``)."""
+        if self.loss_sum is None:
+            return None
+        return self.loss_sum / self.num_target_tokens.clamp_min(1)
+
+
+def ensure_audio_tokens(tokenizer, llm: PreTrainedModel) -> None:
+    """Add the audio special tokens to ``tokenizer`` if missing, and grow the LLM's embeddings to fit.
+
+    Qwen2.5's tokenizer has no audio tokens (Qwen2-Audio's has); its embedding matrix is padded to 151 936 rows, so
+    the new ids usually fit without resizing.
+    """
+    missing = [t for t in AUDIO_SPECIAL_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        logger.info("added audio special tokens %s to the tokenizer", missing)
+    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(len(tokenizer))
+
+
+def check_architecture(name: str, config, expect: dict | None) -> None:
+    """Check a loaded component's config against the architecture the experiment config states.
+
+    Raises:
+        ValueError: listing every mismatching field, e.g. a Whisper-small checkpoint under an experiment that
+            expects Whisper-large-v3's ``d_model: 1280``.
+    """
+    wrong = {k: (v, getattr(config, k, None)) for k, v in (expect or {}).items() if getattr(config, k, None) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: expected {v[0]}, checkpoint has {v[1]}" for k, v in wrong.items())
+        raise ValueError(f"model.{name} checkpoint does not match model.{name}.expect ({detail})")
+
+
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing: the reentrant variant gives no gradients when the checkpointed
+    layer's inputs do not require grad (frozen first layers; transformers issues 21381, 23170)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, value)
+
+
+class AeroModel(nn.Module):
+    """Encoder -> projector -> causal LM.
+
+    Args:
+        encoder: audio encoder adapter (:class:`WhisperAudioEncoder`).
+        projector: a :class:`Projector` from encoder width to the LLM hidden size.
+        llm: HF causal LM.
+        tokenizer: the LLM's tokenizer, with a chat template and the audio special tokens.
+        freeze: regexes over parameter names (``"^encoder\\."``, ``"^llm\\."``); matching parameters get
+            ``requires_grad=False`` and fully frozen top-level components stay in eval mode.
+        gradient_checkpointing: non-reentrant activation checkpointing in encoder and LLM layers.
+        end_of_turn_token: the chat template's end-of-turn token (trained, and stops generation).
+    """
+
+    def __init__(
+        self,
+        encoder: WhisperAudioEncoder,
+        projector: Projector,
+        llm: PreTrainedModel,
+        tokenizer,
+        freeze: Sequence[str] = (),
+        gradient_checkpointing: bool = False,
+        end_of_turn_token: str = "<|im_end|>",
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        ensure_audio_tokens(tokenizer, llm)
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+        self.end_of_turn_token = end_of_turn_token
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(end_of_turn_token)
+        self.feature_extractor = LogMelSpectrogram(num_mel_bins=encoder.num_mel_bins)
+        self.freeze_patterns = list(freeze)
+        self._frozen_components: list[str] = []
+        self.apply_freeze(self.freeze_patterns)
+        if gradient_checkpointing:
+            _enable_checkpointing(self.llm)
+            _enable_checkpointing(self.encoder.encoder)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_components(
+        cls,
+        encoder: dict,
+        llm: dict,
+        projector: Callable[..., Projector],
+        freeze: Sequence[str] = (),
+        gradient_checkpointing: bool = False,
+        end_of_turn_token: str = "<|im_end|>",
+    ) -> AeroModel:
+        """Load encoder and LLM with ``from_pretrained`` (hub id or local folder) and build a fresh projector.
+
+        Args:
+            encoder: ``{"name_or_path", "padding_free", "attn_implementation", "torch_dtype"}``.
+            llm: ``{"name_or_path", "attn_implementation", "torch_dtype", "tokenizer"}`` (``tokenizer`` defaults to
+                ``name_or_path``).
+            projector: a callable ``projector(encoder_dim=..., llm_dim=...)`` (a Hydra ``_partial_`` config).
+            freeze, gradient_checkpointing, end_of_turn_token: see the class.
+
+        Raises:
+            OSError: from transformers when a hub id or folder cannot be loaded.
+        """
+        enc = WhisperAudioEncoder.from_pretrained(
+            encoder["name_or_path"],
+            padding_free=encoder.get("padding_free", True),
+            attn_implementation=encoder.get("attn_implementation", "sdpa"),
+            torch_dtype=encoder.get("torch_dtype"),
+        )
+        llm_kwargs = {"attn_implementation": llm.get("attn_implementation", "sdpa")}
+        if llm.get("torch_dtype") is not None:
+            llm_kwargs["dtype"] = _dtype(llm["torch_dtype"])
+        lm = AutoModelForCausalLM.from_pretrained(llm["name_or_path"], **llm_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(llm.get("tokenizer") or llm["name_or_path"])
+        check_architecture("encoder", enc.config, encoder.get("expect"))
+        check_architecture("llm", lm.config, llm.get("expect"))
+        proj = projector(encoder_dim=enc.hidden_size, llm_dim=lm.config.hidden_size)
+        return cls(enc, proj, lm, tokenizer, freeze, gradient_checkpointing, end_of_turn_token)
+
+    def apply_freeze(self, patterns: Sequence[str]) -> None:
+        """Set ``requires_grad=False`` on parameters whose name matches any regex in ``patterns``.
+
+        Raises:
+            ValueError: if a pattern matches no parameter (a typo would silently train everything).
+        """
+        compiled = [re.compile(p) for p in patterns]
+        hits = {p.pattern: 0 for p in compiled}
+        for name, param in self.named_parameters():
+            for p in compiled:
+                if p.search(name):
+                    param.requires_grad_(False)
+                    hits[p.pattern] += 1
+        unused = [p for p, n in hits.items() if n == 0]
+        if unused:
+            raise ValueError(f"freeze patterns {unused} match no parameter; names look like 'encoder.encoder.conv1.weight'")
+        self._frozen_components = [
+            name
+            for name, module in (("encoder", self.encoder), ("projector", self.projector), ("llm", self.llm))
+            if all(not p.requires_grad for p in module.parameters())
+        ]
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> AeroModel:
+        """Like ``nn.Module.train``, but fully frozen components stay in eval mode (no dropout)."""
+        super().train(mode)
+        for name in self._frozen_components:
+            getattr(self, name).eval()
+        return self
+
+    # ------------------------------------------------------------------ audio
+    def audio_token_counter(self) -> AudioTokenCounter:
+        """The picklable function from clip length (samples) to LLM audio tokens for this model."""
+        return AudioTokenCounter(encoder_downsample=2, projector_downsample=self.projector.downsample)
+
+    def compute_features(self, audio_windows: torch.Tensor, window_lengths: torch.Tensor):
+        """Log-mel of 30 s windows on the model's device.
+
+        Args:
+            audio_windows: ``(W, N)`` float waveforms at 16 kHz, N <= 480 000 samples.
+            window_lengths: ``(W,)`` valid samples per window.
+
+        Returns:
+            ``input_features (W, num_mel_bins, T)`` and ``feature_lengths (W,)``.
+        """
+        return self.feature_extractor(audio_windows, window_lengths)
+
+    def embed_audio(self, input_features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
+        """Encode and project windows; return the valid embeddings of all windows concatenated in order.
+
+        Args:
+            input_features: ``(W, num_mel_bins, T)`` log-mel windows.
+            feature_lengths: ``(W,)`` valid frames.
+
+        Returns:
+            ``(N_audio, D_llm)`` embeddings, ``N_audio = sum over windows of projected lengths``.
+        """
+        hidden, enc_lengths = self.encoder(input_features, feature_lengths)  # (W, S, D_enc)
+        projected, proj_lengths = self.projector(hidden, enc_lengths)  # (W, S', D_llm)
+        valid = torch.arange(projected.shape[1], device=projected.device)[None, :] < proj_lengths[:, None]
+        return projected[valid]  # (N_audio, D_llm), row-major = window order
+
+    def build_inputs_embeds(
+        self, input_ids: torch.Tensor, input_features: torch.Tensor | None, feature_lengths: torch.Tensor | None
+    ) -> torch.Tensor:
+        """LLM input embeddings with projected audio scattered into the ``<|AUDIO|>`` slots.
+
+        Args:
+            input_ids: ``(B, L)``.
+            input_features, feature_lengths: see :meth:`embed_audio`; None for text-only batches.
+
+        Returns:
+            ``(B, L, D_llm)``.
+
+        Raises:
+            ValueError: if the number of ``<|AUDIO|>`` slots differs from the number of audio embeddings.
+        """
+        embed = self.llm.get_input_embeddings()
+        slots = input_ids == self.audio_token_id  # (B, L)
+        inputs_embeds = embed(input_ids)  # (B, L, D)
+        num_slots = int(slots.sum())
+        if input_features is None:
+            if num_slots:
+                raise ValueError(f"input_ids hold {num_slots} <|AUDIO|> slots but no audio was given")
+            return inputs_embeds
+        audio = self.embed_audio(input_features, feature_lengths).to(inputs_embeds.dtype)  # (N, D)
+        if audio.shape[0] != num_slots:
+            raise ValueError(
+                f"audio/slot count mismatch: {audio.shape[0]} audio embeddings for {num_slots} <|AUDIO|> slots in "
+                "input_ids; the prompt must be built with this model's audio_token_counter()"
+            )
+        return inputs_embeds.masked_scatter(slots[..., None], audio)
+
+    # ------------------------------------------------------------------ LM
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> AeroOutput:
+        """Teacher-forced forward pass.
+
+        Args:
+            input_ids: ``(B, L)`` token ids with ``<|AUDIO|>`` slots.
+            attention_mask: ``(B, L)`` 1 for real tokens, 0 for padding.
+            input_features: ``(W, num_mel_bins, T)`` log-mel windows of the batch's audio, in slot order.
+            feature_lengths: ``(W,)`` valid frames per window.
+            labels: ``(B, L)`` target ids, -100 where no loss is taken (unshifted: position t is predicted from
+                positions < t).
+            position_ids: ``(B, L)`` optional explicit positions.
+
+        Returns:
+            :class:`AeroOutput` with the summed loss and the target-token count, so callers can normalise over a
+            whole global batch.
+        """
+        inputs_embeds = self.build_inputs_embeds(input_ids, input_features, feature_lengths)
+        out = self.llm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        logits = out.logits  # (B, L, V)
+        if labels is None:
+            return AeroOutput(logits=logits)
+        shift_logits = logits[:, :-1].float()
+        shift_labels = labels[:, 1:].to(logits.device)
+        loss_sum = nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        num_targets = (shift_labels != IGNORE_INDEX).sum()
+        return AeroOutput(logits=logits, loss_sum=loss_sum, num_target_tokens=num_targets)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        input_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        max_new_tokens: int = 128,
+        num_beams: int = 1,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Decode replies for left-padded prompts (built with ``add_generation_prompt=True``).
+
+        Args:
+            input_ids: ``(B, L)`` left-padded prompt ids.
+            attention_mask: ``(B, L)``.
+            input_features, feature_lengths: audio windows, as in :meth:`forward`.
+            max_new_tokens: generation budget per sample.
+            num_beams: 1 for greedy decoding.
+
+        Returns:
+            ``(B, T_new)`` generated ids (prompt excluded), padded with the pad token.
+        """
+        inputs_embeds = self.build_inputs_embeds(input_ids, input_features, feature_lengths)
+        tok = self.tokenizer
+        eos = [i for i in {self.end_of_turn_id, tok.eos_token_id} if i is not None]
+        return self.llm.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+            **generate_kwargs,
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write ``encoder/``, ``llm/`` (with tokenizer), ``projector.safetensors`` and ``aero_config.json``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.encoder.encoder.save_pretrained(out / "encoder")
+        self.llm.save_pretrained(out / "llm")
+        self.tokenizer.save_pretrained(out / "llm")
+        save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, str(out / "projector.safetensors"))
+        proj_kwargs = {"type": next(k for k, v in PROJECTORS.items() if isinstance(self.projector, v))}
+        if isinstance(self.projector, MLPStackProjector):
+            proj_kwargs |= {"stack_factor": self.projector.downsample, "hidden_dim": self.projector.fc1.out_features}
+        else:
+            proj_kwargs |= {"pool": self.projector.downsample}
+        config = {
+            "projector": proj_kwargs,
+            "padding_free": self.encoder.padding_free,
+            "end_of_turn_token": self.end_of_turn_token,
+        }
+        (out / "aero_config.json").write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, attn_implementation: str = "sdpa") -> AeroModel:
+        """Load a folder written by :meth:`save_pretrained`.
+
+        Raises:
+            FileNotFoundError: if ``aero_config.json`` is missing.
+        """
+        path = Path(path)
+        cfg_file = path / "aero_config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{cfg_file} not found: {path} is not a folder written by AeroModel.save_pretrained")
+        cfg = json.loads(cfg_file.read_text())
+        proj_cfg = dict(cfg["projector"])
+        proj_cls = PROJECTORS[proj_cfg.pop("type")]
+
+        def projector(encoder_dim: int, llm_dim: int) -> Projector:
+            return proj_cls(encoder_dim=encoder_dim, llm_dim=llm_dim, **proj_cfg)
+
+        model = cls.from_components(
+            encoder={"name_or_path": str(path / "encoder"), "padding_free": cfg["padding_free"],
+                     "attn_implementation": attn_implementation},
+            llm={"name_or_path": str(path / "llm"), "attn_implementation": attn_implementation},
+            projector=projector,
+            end_of_turn_token=cfg.get("end_of_turn_token", "<|im_end|>"),
+        )
+        model.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+        return model

@@ -1,0 +1,185 @@
+"""Audio encoders that take variable-length 30 s windows.
+
+The Whisper encoder (Radford et al. 2022, "Robust Speech Recognition via Large-Scale Weak Supervision",
+https://arxiv.org/abs/2212.04356) is trained on log-mel inputs padded to exactly 30 s (3000 frames), and
+HF ``WhisperEncoder.forward`` rejects any other length. Audio language models that use it as a feature
+extractor (Qwen2-Audio, Aero-1-Audio) do not need the padding: we run the encoder's own modules on each
+window's true length — conv stem, positional embeddings sliced to that length, attention restricted to the
+window — which removes up to 30x of encoder compute on short utterances.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from transformers import WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+logger = logging.getLogger(__name__)
+
+WINDOW_FRAMES = 3000
+"""Log-mel frames per 30 s Whisper window (10 ms hop)."""
+
+
+def whisper_output_lengths(frame_lengths: torch.Tensor | int) -> torch.Tensor | int:
+    """Encoder output frames for ``frame_lengths`` log-mel frames.
+
+    conv1 (kernel 3, stride 1, pad 1) keeps the length; conv2 (kernel 3, stride 2, pad 1) gives
+    ``floor((T - 1) / 2) + 1 = ceil(T / 2)``. A 3000-frame window gives 1500 frames (50 Hz).
+
+    Args:
+        frame_lengths: log-mel frames per window, an int or a LongTensor of any shape.
+
+    Returns:
+        Output frames, same type and shape as the input.
+    """
+    if isinstance(frame_lengths, torch.Tensor):
+        return (frame_lengths - 1) // 2 + 1
+    return (int(frame_lengths) - 1) // 2 + 1
+
+
+class PaddingFreeWhisperEncoder(WhisperEncoder):
+    """HF ``WhisperEncoder`` that also accepts windows shorter than 30 s.
+
+    The module tree and parameter names are exactly ``WhisperEncoder``'s, so ``from_pretrained`` loads either an
+    encoder-only folder (this class's ``save_pretrained``) or the encoder of a full Whisper checkpoint
+    (``openai/whisper-large-v3``: keys under ``model.encoder.``, stripped through ``base_model_prefix``).
+
+    ``forward_windows`` is the padding-free path; the inherited ``forward`` is untouched (30 s only).
+    """
+
+    base_model_prefix = "model.encoder"
+
+    def forward_windows(
+        self, input_features: torch.Tensor, feature_lengths: torch.Tensor, padding_free: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a batch of windows of different lengths.
+
+        Args:
+            input_features: ``(W, num_mel_bins, T)`` log-mel windows, ``T <= 3000`` frames; frames past a
+                window's length are ignored (they may hold anything).
+            feature_lengths: ``(W,)`` valid frames per window, ``1 <= length <= T``.
+            padding_free: if False, every window is zero-padded to 3000 frames and attends over all of them,
+                exactly as HF ``WhisperEncoder`` does (use it for frozen encoders whose outputs must match the
+                original); if True, each window is encoded on its true length only.
+
+        Returns:
+            ``hidden_states (W, S, d_model)`` with ``S = ceil(T_run / 2)`` and ``output_lengths (W,)`` =
+            ``ceil(feature_lengths / 2)``; rows are valid up to their output length (the rest is undefined).
+
+        Raises:
+            ValueError: if the windows are longer than 3000 frames or the mel bins do not match the config.
+        """
+        num_windows, num_mel_bins, num_frames = input_features.shape
+        if num_mel_bins != self.config.num_mel_bins:
+            raise ValueError(
+                f"input_features has {num_mel_bins} mel bins but the encoder expects {self.config.num_mel_bins}; "
+                "set model.feature_extractor num_mel_bins to the encoder's config.num_mel_bins."
+            )
+        max_frames = self.config.max_source_positions * 2
+        if num_frames > max_frames:
+            raise ValueError(
+                f"windows of {num_frames} frames exceed the encoder's {max_frames}; split audio into 30 s windows."
+            )
+        feature_lengths = feature_lengths.to(input_features.device)
+        frame_idx = torch.arange(num_frames, device=input_features.device)
+        valid = frame_idx[None, :] < feature_lengths[:, None]  # (W, T)
+        x = input_features * valid[:, None, :].to(input_features.dtype)
+        if not padding_free:
+            x = nn.functional.pad(x, (0, max_frames - num_frames))  # (W, n_mels, 3000)
+
+        x = nn.functional.gelu(self.conv1(x))  # (W, D, T)
+        if padding_free:
+            # conv2 must not see conv1's response to the padding (gelu(bias) != 0) beyond the true length.
+            x = x * valid[:, None, :].to(x.dtype)
+        x = nn.functional.gelu(self.conv2(x))  # (W, D, ceil(T/2))
+        x = x.permute(0, 2, 1)  # (W, S, D)
+        seq_len = x.shape[1]
+        positions = self.embed_positions.weight[:seq_len]  # (S, D)
+        hidden_states = x + positions
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+
+        output_lengths = whisper_output_lengths(feature_lengths)
+        attention_mask = None
+        if padding_free and bool((output_lengths < seq_len).any()):
+            key_valid = torch.arange(seq_len, device=x.device)[None, :] < output_lengths[:, None]  # (W, S)
+            # Boolean (W, 1, S, S) mask, True = attend; every query row has >= 1 valid key.
+            attention_mask = key_valid[:, None, None, :].expand(num_windows, 1, seq_len, seq_len)
+            if self.config._attn_implementation == "eager":
+                attention_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=x.device).masked_fill(
+                    ~attention_mask, torch.finfo(hidden_states.dtype).min
+                )
+
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            hidden_states = layer(hidden_states, attention_mask)
+        hidden_states = self.layer_norm(hidden_states)
+        if not padding_free:
+            hidden_states = hidden_states[:, : int(math.ceil(num_frames / 2))]
+        return hidden_states, output_lengths
+
+
+class WhisperAudioEncoder(nn.Module):
+    """Whisper-architecture audio encoder adapter: windows in, per-window frame embeddings out (50 Hz).
+
+    Args:
+        encoder: a loaded :class:`PaddingFreeWhisperEncoder`.
+        padding_free: encode each window on its true length (default) instead of padding to 30 s.
+    """
+
+    def __init__(self, encoder: PaddingFreeWhisperEncoder, padding_free: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        self.padding_free = padding_free
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        padding_free: bool = True,
+        attn_implementation: str = "sdpa",
+        torch_dtype: str | torch.dtype | None = None,
+    ) -> WhisperAudioEncoder:
+        """Load the encoder of a Whisper checkpoint (hub id or local folder), full or encoder-only.
+
+        Raises:
+            OSError: from transformers when the id or folder cannot be found.
+        """
+        kwargs = {"attn_implementation": attn_implementation}
+        if torch_dtype is not None:
+            kwargs["dtype"] = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+        encoder = PaddingFreeWhisperEncoder.from_pretrained(name_or_path, **kwargs)
+        return cls(encoder, padding_free=padding_free)
+
+    @property
+    def config(self) -> WhisperConfig:
+        return self.encoder.config
+
+    @property
+    def hidden_size(self) -> int:
+        """Output width ``d_model``."""
+        return self.encoder.config.d_model
+
+    @property
+    def num_mel_bins(self) -> int:
+        return self.encoder.config.num_mel_bins
+
+    def output_lengths(self, feature_lengths: torch.Tensor | int) -> torch.Tensor | int:
+        """Encoder frames produced for ``feature_lengths`` log-mel frames (see :func:`whisper_output_lengths`)."""
+        return whisper_output_lengths(feature_lengths)
+
+    def forward(self, input_features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode windows.
+
+        Args:
+            input_features: ``(W, num_mel_bins, T)`` log-mel, T <= 3000 frames.
+            feature_lengths: ``(W,)`` valid frames per window.
+
+        Returns:
+            ``(W, S, d_model)`` hidden states and ``(W,)`` valid output frames.
+        """
+        return self.encoder.forward_windows(input_features, feature_lengths, padding_free=self.padding_free)

@@ -1,0 +1,98 @@
+"""Projectors from encoder frames to LLM input embeddings.
+
+Both work per window on ``(W, S, D_enc)`` hidden states with ``(W,)`` valid lengths, and the number of output
+tokens is a pure function of the valid length (:meth:`Projector.output_lengths`), so the data pipeline can count
+a sample's audio tokens from its duration before any audio is decoded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _group_frames(hidden: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero frames past ``lengths`` and fold groups of ``k`` consecutive frames.
+
+    Args:
+        hidden: ``(W, S, D)``.
+        lengths: ``(W,)`` valid frames.
+        k: group size.
+
+    Returns:
+        ``(W, ceil(S / k), k, D)`` grouped frames (zeros beyond each row's length) and ``(W, ceil(S / k), k)``
+        validity mask.
+    """
+    num_windows, seq_len, dim = hidden.shape
+    valid = torch.arange(seq_len, device=hidden.device)[None, :] < lengths[:, None]  # (W, S)
+    hidden = hidden * valid[..., None].to(hidden.dtype)
+    pad = (-seq_len) % k
+    if pad:
+        hidden = nn.functional.pad(hidden, (0, 0, 0, pad))  # (W, S + pad, D)
+        valid = nn.functional.pad(valid, (0, pad))
+    groups = hidden.shape[1] // k
+    return hidden.view(num_windows, groups, k, dim), valid.view(num_windows, groups, k)
+
+
+class Projector(nn.Module):
+    """Base class: maps ``(W, S, D_enc)`` encoder frames to ``(W, S', D_llm)`` LLM embeddings."""
+
+    downsample: int = 1
+
+    def output_lengths(self, lengths: torch.Tensor | int) -> torch.Tensor | int:
+        """Output tokens for ``lengths`` valid encoder frames: ``ceil(lengths / downsample)``."""
+        k = self.downsample
+        if isinstance(lengths, torch.Tensor):
+            return (lengths + k - 1) // k
+        return (int(lengths) + k - 1) // k
+
+
+class MLPStackProjector(Projector):
+    """Stack ``k`` consecutive frames, then Linear-GELU-Linear (tiny-audio: k=5, hidden 2048).
+
+    A final partial group is zero-padded, so ``S`` frames give ``ceil(S / k)`` tokens.
+
+    Args:
+        encoder_dim: encoder width ``D_enc``.
+        llm_dim: LLM hidden size ``D_llm``.
+        stack_factor: frames stacked per token ``k``.
+        hidden_dim: MLP hidden width.
+    """
+
+    def __init__(self, encoder_dim: int, llm_dim: int, stack_factor: int = 5, hidden_dim: int = 2048):
+        super().__init__()
+        self.downsample = stack_factor
+        self.fc1 = nn.Linear(encoder_dim * stack_factor, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, llm_dim)
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: ``hidden (W, S, D_enc)``, ``lengths (W,)``. Returns ``(W, ceil(S/k), D_llm)`` and lengths."""
+        grouped, _ = _group_frames(hidden, lengths, self.downsample)  # (W, S/k, k, D)
+        stacked = grouped.flatten(2)  # (W, S/k, k*D)
+        return self.fc2(self.act(self.fc1(stacked))), self.output_lengths(lengths)
+
+
+class AvgPoolProjector(Projector):
+    """Aero-1-Audio / Qwen2-Audio projector: average-pool pairs of frames, then one Linear.
+
+    50 Hz Whisper frames become 25 tokens per second of audio, 750 per 30 s window. A final odd frame is averaged
+    alone (only valid frames are counted), so ``S`` frames give ``ceil(S / 2)`` tokens.
+
+    Args:
+        encoder_dim: encoder width ``D_enc`` (1280 for Whisper-large-v3).
+        llm_dim: LLM hidden size ``D_llm`` (1536 for Qwen2.5-1.5B).
+        pool: frames averaged per token.
+    """
+
+    def __init__(self, encoder_dim: int, llm_dim: int, pool: int = 2):
+        super().__init__()
+        self.downsample = pool
+        self.linear = nn.Linear(encoder_dim, llm_dim)
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: ``hidden (W, S, D_enc)``, ``lengths (W,)``. Returns ``(W, ceil(S/pool), D_llm)`` and lengths."""
+        grouped, valid = _group_frames(hidden, lengths, self.downsample)  # (W, S/p, p, D), (W, S/p, p)
+        counts = valid.sum(-1, keepdim=True).clamp_min(1).to(hidden.dtype)  # (W, S/p, 1)
+        pooled = grouped.sum(2) / counts  # (W, S/p, D)
+        return self.linear(pooled), self.output_lengths(lengths)

@@ -1,0 +1,84 @@
+"""The training task: build model, data, trainer from the composed config; fit; decode the test split."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from aero_lightning.lit_module import AeroLitModule
+
+logger = logging.getLogger(__name__)
+
+
+def build_strategy(cfg: DictConfig):
+    """The ``strategy`` group: an object config (``_target_``) or ``{name: auto|ddp|...}``."""
+    if "_target_" in cfg:
+        return instantiate(cfg)
+    return cfg.get("name", "auto")
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """Instantiate the Lightning Trainer with the callbacks, loggers and strategy groups."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg.strategy))
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run a training job.
+
+    Steps: seed; check every data folder (a missing or empty one fails here, before the model is loaded); build the
+    model with ``from_pretrained``; fit (``cfg.ckpt_path`` resumes); decode ``data.test_dir`` greedily and score
+    WER if ``cfg.run_test``.
+
+    Returns:
+        ``{"output_dir", "best_checkpoint", "last_checkpoint", "test": {...WER...}}``.
+
+    Raises:
+        FileNotFoundError, ValueError: for missing or empty data folders, before training.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.check()
+
+    model = instantiate(cfg.model, _convert_="all")
+    module: AeroLitModule = instantiate(cfg.module, model=model, _convert_="all")
+    datamodule.bind_model(model.tokenizer, model.audio_token_counter())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    logger.info("model: %.2fM parameters, %.2fM trainable", n_all / 1e6, n_train / 1e6)
+
+    trainer = build_trainer(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    result = {"output_dir": str(output_dir)}
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None:
+        result["best_checkpoint"] = ckpt_cb.best_model_path
+        result["last_checkpoint"] = ckpt_cb.last_model_path
+    if cfg.get("run_test") and cfg.data.get("test_dir"):
+        trainer.test(module, datamodule=datamodule)  # one batch under fast_dev_run
+        result["test"] = module.test_metrics
+    if trainer.is_global_zero:
+        (output_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+        summary = [f"outputs: {output_dir}"]
+        if "test" in result:
+            t = result["test"]
+            summary.append(
+                f"test WER {100 * t['wer']:.2f}% over {t['num_samples']} utterances / {t['num_ref_words']} words "
+                f"(S={t['substitutions']} D={t['deletions']} I={t['insertions']}); predictions: "
+                f"{t.get('predictions_path')}"
+            )
+        if result.get("last_checkpoint"):
+            summary.append(f"checkpoint: {result['last_checkpoint']}")
+        summary.append(f"TensorBoard: tensorboard --logdir {output_dir / 'tensorboard'}")
+        logger.info("\n".join(summary))
+    return result

@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny real components written with ``save_pretrained`` and loaded with ``from_pretrained``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from aero_lightning.data.datamodule import AsrCollator
+from aero_lightning.data.shards import DEFAULT_ASR_PROMPT, asr_messages
+from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.projector import MLPStackProjector
+from aero_lightning.model.tiny import build_tiny_components
+
+SAMPLE_RATE_HZ = 16000
+TINY_ENCODER = {"d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
+TINY_LLM = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
+TINY_TEXTS = [
+    DEFAULT_ASR_PROMPT,
+    "Transcribe the audio.",
+    "the cat sat on the mat",
+    "hello world",
+    "a quick brown fox jumps over the lazy dog",
+    "she sells sea shells by the sea shore",
+    "first reply",
+    "second reply",
+] * 4
+TRANSCRIPTS = ["hello world", "the cat sat on the mat", "a quick brown fox", "sea shells", "the lazy dog"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Folder with ``encoder/`` (Whisper encoder) and ``llm/`` (Qwen2 LM + tokenizer), random init."""
+    return build_tiny_components(
+        tmp_path_factory.mktemp("tiny"), TINY_TEXTS, vocab_size=300, encoder=TINY_ENCODER, llm=TINY_LLM
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    return AutoTokenizer.from_pretrained(tiny_dir / "llm")
+
+
+@pytest.fixture
+def make_model(tiny_dir) -> Callable[..., AeroModel]:
+    """Factory: ``make_model(encoder_kwargs=None, llm_kwargs=None, projector=None, **AeroModel kwargs)``."""
+
+    def make(encoder_kwargs=None, llm_kwargs=None, projector=None, **kwargs) -> AeroModel:
+        torch.manual_seed(0)  # the projector is freshly initialised
+        return AeroModel.from_components(
+            encoder={"name_or_path": str(tiny_dir / "encoder"), **(encoder_kwargs or {})},
+            llm={"name_or_path": str(tiny_dir / "llm"), **(llm_kwargs or {})},
+            projector=projector or functools.partial(MLPStackProjector, stack_factor=4, hidden_dim=128),
+            **kwargs,
+        )
+
+    return make
+
+
+@pytest.fixture
+def model(make_model) -> AeroModel:
+    return make_model()
+
+
+def _make_samples(durations_s: Sequence[float], seed: int = 0) -> list[dict]:
+    """Synthetic decoded samples (the dicts ``SampleDecoder`` yields): noise waveforms at 16 kHz."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i, duration_s in enumerate(durations_s):
+        n = max(1, round(duration_s * SAMPLE_RATE_HZ))
+        samples.append(
+            {
+                "key": f"utt{i}",
+                "waveform": (0.1 * rng.standard_normal(n)).astype(np.float32),
+                "messages": asr_messages(TRANSCRIPTS[i % len(TRANSCRIPTS)]),
+                "duration_s": n / SAMPLE_RATE_HZ,
+                "corpus": "synthetic",
+            }
+        )
+    return samples
+
+
+def _make_batch(model: AeroModel, samples: list[dict], for_generation: bool = False) -> dict:
+    """Collate ``samples`` for ``model`` and add its log-mel ``input_features`` / ``feature_lengths``."""
+    batch = AsrCollator(model.tokenizer, model.audio_token_counter(), for_generation=for_generation)(samples)
+    features, feature_lengths = model.compute_features(batch["audio_windows"], batch["window_lengths"])
+    batch["input_features"], batch["feature_lengths"] = features, feature_lengths
+    return batch
+
+
+@pytest.fixture(scope="session")
+def make_samples() -> Callable[..., list[dict]]:
+    return _make_samples
+
+
+@pytest.fixture(scope="session")
+def make_batch() -> Callable[..., dict]:
+    return _make_batch

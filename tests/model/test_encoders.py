@@ -1,0 +1,113 @@
+"""Whisper encoder adapter against HF ``WhisperEncoder.forward``, and padding-free invariance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from aero_lightning.model.encoders import WhisperAudioEncoder, whisper_output_lengths
+
+ATOL = 1e-5
+
+
+def _load(tiny_dir, padding_free: bool, attn_implementation: str = "sdpa") -> WhisperAudioEncoder:
+    return WhisperAudioEncoder.from_pretrained(
+        str(tiny_dir / "encoder"), padding_free=padding_free, attn_implementation=attn_implementation
+    ).eval()
+
+
+def _hf(encoder: WhisperAudioEncoder, features: torch.Tensor) -> torch.Tensor:
+    """The untouched parent-class forward (30 s windows only)."""
+    return WhisperEncoder.forward(encoder.encoder, features).last_hidden_state
+
+
+def test_output_lengths():
+    assert [whisper_output_lengths(t) for t in (1, 2, 3, 77, 1234, 2999, 3000)] == [
+        1,
+        1,
+        2,
+        39,
+        617,
+        1500,
+        1500,
+    ]
+    lengths = torch.tensor([1, 2, 3, 77, 1234, 3000])
+    assert whisper_output_lengths(lengths).tolist() == [math.ceil(t / 2) for t in lengths.tolist()]
+
+
+@torch.no_grad()
+def test_padded_mode_equals_hf_on_full_windows(tiny_dir):
+    encoder = _load(tiny_dir, padding_free=False)
+    torch.manual_seed(0)
+    features = torch.randn(2, encoder.num_mel_bins, 3000)
+    hidden, lengths = encoder(features, torch.tensor([3000, 3000]))
+    assert hidden.shape == (2, 1500, encoder.hidden_size)
+    assert lengths.tolist() == [1500, 1500]
+    torch.testing.assert_close(hidden, _hf(encoder, features), rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_padded_mode_equals_hf_on_short_window(tiny_dir):
+    encoder = _load(tiny_dir, padding_free=False)
+    torch.manual_seed(0)
+    n_mels, length = encoder.num_mel_bins, 1234
+    features = torch.randn(1, n_mels, length)
+    padded = torch.nn.functional.pad(features, (0, 3000 - length))  # what HF's extractor would feed
+    expected = _hf(encoder, padded)[:, : math.ceil(length / 2)]
+
+    hidden, lengths = encoder(features, torch.tensor([length]))
+    assert hidden.shape == (1, 617, encoder.hidden_size) and lengths.tolist() == [617]
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=ATOL)
+
+    # Garbage past the length of a 3000-wide input is zeroed, as HF's zero padding.
+    garbage = torch.cat([features, 5 * torch.randn(1, n_mels, 3000 - length)], dim=-1)
+    hidden_garbage, _ = encoder(garbage, torch.tensor([length]))
+    torch.testing.assert_close(hidden_garbage[:, :617], expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@torch.no_grad()
+def test_padding_free_batch_equals_each_window_alone(tiny_dir, attn_implementation):
+    encoder = _load(tiny_dir, padding_free=True, attn_implementation=attn_implementation)
+    torch.manual_seed(0)
+    window_frames = [3000, 1234, 77]
+    batch = 10 * torch.randn(len(window_frames), encoder.num_mel_bins, 3000)  # garbage past each length
+    alone = []
+    for i, t in enumerate(window_frames):
+        window = torch.randn(1, encoder.num_mel_bins, t)
+        batch[i, :, :t] = window[0]
+        out, out_len = encoder(window, torch.tensor([t]))
+        assert out.shape == (1, math.ceil(t / 2), encoder.hidden_size) and out_len.tolist() == [
+            math.ceil(t / 2)
+        ]
+        alone.append(out[0])
+
+    hidden, lengths = encoder(batch, torch.tensor(window_frames))
+    assert hidden.shape == (3, 1500, encoder.hidden_size)
+    assert lengths.tolist() == [1500, 617, 39]
+    for i, expected in enumerate(alone):
+        torch.testing.assert_close(
+            hidden[i, : expected.shape[0]], expected, rtol=0, atol=ATOL, msg=f"window {i}"
+        )
+        assert torch.isfinite(hidden[i]).all()
+
+
+@torch.no_grad()
+def test_padding_free_full_window_equals_hf(tiny_dir):
+    encoder = _load(tiny_dir, padding_free=True)
+    torch.manual_seed(1)
+    features = torch.randn(1, encoder.num_mel_bins, 3000)
+    hidden, _ = encoder(features, torch.tensor([3000]))
+    torch.testing.assert_close(hidden, _hf(encoder, features), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_bad_inputs_raise(tiny_dir, padding_free):
+    encoder = _load(tiny_dir, padding_free=padding_free)
+    with pytest.raises(ValueError, match="mel bins"):
+        encoder(torch.zeros(1, encoder.num_mel_bins + 48, 100), torch.tensor([100]))
+    with pytest.raises(ValueError, match="3000"):
+        encoder(torch.zeros(1, encoder.num_mel_bins, 3001), torch.tensor([3001]))

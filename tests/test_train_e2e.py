@@ -1,0 +1,122 @@
+"""End to end through `python train.py experiment=demo` on a tiny generated corpus and tiny model folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aero_lightning.data.synth import build_demo_corpus
+from aero_lightning.model.tiny import build_tiny_components, corpus_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ENCODER = {"d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
+TINY_LLM = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
+
+
+@pytest.fixture(scope="module")
+def demo_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    corpus = root / "corpus"
+    build_demo_corpus(corpus, num_train=24, num_val=4, num_test=4, seed=0, shard_size=8, progress=False)
+    model = root / "model"
+    build_tiny_components(model, corpus_texts(corpus), vocab_size=300, encoder=TINY_ENCODER, llm=TINY_LLM)
+    return root, corpus, model
+
+
+def run_train(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "train.py", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def base_overrides(corpus: Path, model: Path, out: Path) -> list[str]:
+    return [
+        "experiment=demo",
+        f"paths.demo_corpus_dir={corpus}",
+        f"paths.demo_model_dir={model}",
+        f"hydra.run.dir={out}",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "data.eval_batch_size=4",
+        "data.shuffle_buffer=8",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+def test_demo_fast_dev_run(demo_env):
+    root, corpus, model = demo_env
+    out = root / "fast_dev_run"
+    proc = run_train(*base_overrides(corpus, model, out), "trainer.fast_dev_run=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    test = result["test"]
+    # fast_dev_run decodes one batch of the 4 test sentences; an untrained model gets them wrong
+    assert test["num_samples"] == 4
+    assert test["num_ref_words"] > 0
+    assert test["wer"] > 0.5
+    lines = (out / "predictions_test.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    assert set(json.loads(lines[0])) >= {"key", "reference", "hypothesis", "duration_s"}
+
+
+def test_checkpoint_resume_continues_step_count(demo_env):
+    root, corpus, model = demo_env
+    out = root / "resume"
+    common = [
+        *base_overrides(corpus, model, out),
+        "run_test=false",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
+    first = run_train(*common, "trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = out / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    before = {k: v.clone() for k, v in state["state_dict"].items()}
+
+    second = run_train(*common, "trainer.max_steps=4", f"ckpt_path={ckpt}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+    # the optimizer and LR scheduler states came back too (scheduler counted 4 steps, not 2)
+    assert state["lr_schedulers"][0]["last_epoch"] == 4
+    changed = [k for k, v in state["state_dict"].items() if not torch.equal(v, before[k])]
+    assert changed, "resumed training did not update any parameter"
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+
+
+def test_missing_data_folder_fails_before_training(demo_env, tmp_path):
+    root, _, model = demo_env
+    missing = tmp_path / "no_such_corpus"
+    proc = run_train(*base_overrides(missing, model, tmp_path / "out"), "trainer.max_steps=1")
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "does not exist" in err and "aero_lightning.data.synth" in err
+    assert "Loading weights" not in err  # failed before the model was loaded
+
+
+def test_empty_data_folder_fails_before_training(demo_env, tmp_path):
+    root, corpus, model = demo_env
+    empty = tmp_path / "empty_corpus"
+    for split in ("train", "validation", "test"):
+        (empty / split).mkdir(parents=True)
+    proc = run_train(*base_overrides(empty, model, tmp_path / "out"), "trainer.max_steps=1")
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "manifest.json" in err and "aero_lightning.data.synth" in err
+    assert "Loading weights" not in err
