@@ -97,6 +97,9 @@ class AeroLitModule(L.LightningModule):
         loss = out.loss
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if out.ctc_loss is not None:
+            self.log("train/ctc_loss", out.ctc_loss, prog_bar=True, batch_size=bs)
+            loss = loss + self.model.ctc_weight * out.ctc_loss
         self.log("train/target_tokens", out.num_target_tokens.float(), batch_size=bs, reduce_fx="sum")
         return loss
 

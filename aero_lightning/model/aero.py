@@ -79,11 +79,13 @@ class AeroOutput:
         logits: ``(B, L, V)``.
         loss_sum: summed token cross-entropy over target tokens (scalar), or None without labels.
         num_target_tokens: number of target tokens (scalar long), or None.
+        ctc_loss: auxiliary CTC loss per target token (scalar), when the model's ``ctc_weight > 0``.
     """
 
     logits: torch.Tensor
     loss_sum: torch.Tensor | None = None
     num_target_tokens: torch.Tensor | None = None
+    ctc_loss: torch.Tensor | None = None
 
     @property
     def loss(self) -> torch.Tensor | None:
@@ -148,6 +150,11 @@ class AeroModel(nn.Module):
             ``requires_grad=False`` and fully frozen top-level components stay in eval mode.
         gradient_checkpointing: non-reentrant activation checkpointing in encoder and LLM layers.
         end_of_turn_token: the chat template's end-of-turn token (trained, and stops generation).
+        ctc_weight: weight of an auxiliary CTC loss (Graves et al. 2006) from a linear head on the encoder frames
+            (50 Hz) to the assistant reply tokens, blank = the pad token: hybrid CTC/attention training
+            (Watanabe et al. 2017, https://doi.org/10.1109/JSTSP.2017.2763455). It lets an encoder trained from
+            scratch (the CPU demo) learn the acoustics in minutes; meant for ASR data. 0 (the default, and Aero's
+            recipe) disables it and builds no head.
     """
 
     def __init__(
@@ -159,8 +166,12 @@ class AeroModel(nn.Module):
         freeze: Sequence[str] = (),
         gradient_checkpointing: bool = False,
         end_of_turn_token: str = "<|im_end|>",
+        ctc_weight: float = 0.0,
     ):
         super().__init__()
+        self.ctc_weight = float(ctc_weight)
+        if self.ctc_weight > 0:
+            self.ctc_head = nn.Linear(encoder.hidden_size, llm.get_output_embeddings().weight.shape[0])
         self.encoder = encoder
         self.projector = projector
         self.llm = llm
@@ -187,6 +198,7 @@ class AeroModel(nn.Module):
         freeze: Sequence[str] = (),
         gradient_checkpointing: bool = False,
         end_of_turn_token: str = "<|im_end|>",
+        ctc_weight: float = 0.0,
     ) -> AeroModel:
         """Load encoder and LLM with ``from_pretrained`` (hub id or local folder) and build a fresh projector.
 
@@ -195,7 +207,7 @@ class AeroModel(nn.Module):
             llm: ``{"name_or_path", "attn_implementation", "torch_dtype", "tokenizer"}`` (``tokenizer`` defaults to
                 ``name_or_path``).
             projector: a callable ``projector(encoder_dim=..., llm_dim=...)`` (a Hydra ``_partial_`` config).
-            freeze, gradient_checkpointing, end_of_turn_token: see the class.
+            freeze, gradient_checkpointing, end_of_turn_token, ctc_weight: see the class.
 
         Raises:
             OSError: from transformers when a hub id or folder cannot be loaded.
@@ -214,7 +226,7 @@ class AeroModel(nn.Module):
         check_architecture("encoder", enc.config, encoder.get("expect"))
         check_architecture("llm", lm.config, llm.get("expect"))
         proj = projector(encoder_dim=enc.hidden_size, llm_dim=lm.config.hidden_size)
-        return cls(enc, proj, lm, tokenizer, freeze, gradient_checkpointing, end_of_turn_token)
+        return cls(enc, proj, lm, tokenizer, freeze, gradient_checkpointing, end_of_turn_token, ctc_weight)
 
     def apply_freeze(self, patterns: Sequence[str]) -> None:
         """Set ``requires_grad=False`` on parameters whose name matches any regex in ``patterns``.
@@ -273,10 +285,13 @@ class AeroModel(nn.Module):
         Returns:
             ``(N_audio, D_llm)`` embeddings, ``N_audio = sum over windows of projected lengths``.
         """
+        return self._encode(input_features, feature_lengths)[0]
+
+    def _encode(self, input_features, feature_lengths):
         hidden, enc_lengths = self.encoder(input_features, feature_lengths)  # (W, S, D_enc)
         projected, proj_lengths = self.projector(hidden, enc_lengths)  # (W, S', D_llm)
         valid = torch.arange(projected.shape[1], device=projected.device)[None, :] < proj_lengths[:, None]
-        return projected[valid]  # (N_audio, D_llm), row-major = window order
+        return projected[valid], (hidden, enc_lengths, proj_lengths)  # (N_audio, D_llm), row-major = window order
 
     def build_inputs_embeds(
         self, input_ids: torch.Tensor, input_features: torch.Tensor | None, feature_lengths: torch.Tensor | None
@@ -293,6 +308,9 @@ class AeroModel(nn.Module):
         Raises:
             ValueError: if the number of ``<|AUDIO|>`` slots differs from the number of audio embeddings.
         """
+        return self._inputs_embeds_and_audio(input_ids, input_features, feature_lengths)[0]
+
+    def _inputs_embeds_and_audio(self, input_ids, input_features, feature_lengths):
         embed = self.llm.get_input_embeddings()
         slots = input_ids == self.audio_token_id  # (B, L)
         inputs_embeds = embed(input_ids)  # (B, L, D)
@@ -300,14 +318,48 @@ class AeroModel(nn.Module):
         if input_features is None:
             if num_slots:
                 raise ValueError(f"input_ids hold {num_slots} <|AUDIO|> slots but no audio was given")
-            return inputs_embeds
-        audio = self.embed_audio(input_features, feature_lengths).to(inputs_embeds.dtype)  # (N, D)
+            return inputs_embeds, None
+        audio, encoded = self._encode(input_features, feature_lengths)
+        audio = audio.to(inputs_embeds.dtype)  # (N, D)
         if audio.shape[0] != num_slots:
             raise ValueError(
                 f"audio/slot count mismatch: {audio.shape[0]} audio embeddings for {num_slots} <|AUDIO|> slots in "
                 "input_ids; the prompt must be built with this model's audio_token_counter()"
             )
-        return inputs_embeds.masked_scatter(slots[..., None], audio)
+        return inputs_embeds.masked_scatter(slots[..., None], audio), encoded
+
+    def _ctc_loss(self, encoded, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CTC between each row's encoder frames and its reply tokens (the -100-free labels minus the end-of-turn
+        token); summed over rows, divided by the number of target tokens."""
+        hidden, enc_lengths, proj_lengths = encoded
+        # windows are in row order: walk them until each row's <|AUDIO|> slot count is reached
+        slots = (input_ids == self.audio_token_id).sum(1).tolist()  # (B,)
+        proj = proj_lengths.tolist()
+        valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < enc_lengths[:, None]
+        log_probs = self.ctc_head(hidden).float().log_softmax(-1)  # (W, S, V)
+        rows, targets, w = [], [], 0
+        for b, n_slots in enumerate(slots):
+            start, acc = w, 0
+            while acc < n_slots:
+                acc += proj[w]
+                w += 1
+            target = labels[b][(labels[b] != IGNORE_INDEX) & (labels[b] != self.end_of_turn_id)]
+            if n_slots and len(target):
+                rows.append(log_probs[start:w][valid[start:w]])  # (frames_b, V)
+                targets.append(target.to(hidden.device))
+        if not rows:
+            return hidden.sum() * 0.0
+        target_lengths = torch.tensor([len(t) for t in targets], device=hidden.device)
+        loss = nn.functional.ctc_loss(
+            nn.utils.rnn.pad_sequence(rows),  # (T_max, B', V)
+            torch.cat(targets),
+            torch.tensor([len(r) for r in rows], device=hidden.device),
+            target_lengths,
+            blank=self.tokenizer.pad_token_id,
+            reduction="sum",
+            zero_infinity=True,
+        )
+        return loss / target_lengths.sum()
 
     # ------------------------------------------------------------------ LM
     def forward(
@@ -334,7 +386,7 @@ class AeroModel(nn.Module):
             :class:`AeroOutput` with the summed loss and the target-token count, so callers can normalise over a
             whole global batch.
         """
-        inputs_embeds = self.build_inputs_embeds(input_ids, input_features, feature_lengths)
+        inputs_embeds, encoded = self._inputs_embeds_and_audio(input_ids, input_features, feature_lengths)
         out = self.llm(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
@@ -350,7 +402,10 @@ class AeroModel(nn.Module):
             reduction="sum",
         )
         num_targets = (shift_labels != IGNORE_INDEX).sum()
-        return AeroOutput(logits=logits, loss_sum=loss_sum, num_target_tokens=num_targets)
+        ctc = None
+        if self.ctc_weight > 0 and encoded is not None:
+            ctc = self._ctc_loss(encoded, input_ids, labels)
+        return AeroOutput(logits=logits, loss_sum=loss_sum, num_target_tokens=num_targets, ctc_loss=ctc)
 
     @torch.no_grad()
     def generate(

@@ -147,7 +147,7 @@ def corpus_texts(corpus_dir: str | Path, split: str = "train") -> list[str]:
     folder = Path(corpus_dir) / split
     manifest = read_manifest(folder)
     urls = [str(folder / s["name"]) for s in manifest["shards"]]
-    texts = []
+    texts = ["user", "assistant", "system"]  # role names the chat template writes
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         meta = json.loads(sample["json"])
         for message in meta["messages"]:
@@ -161,7 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the tiny random-init demo encoder, LLM and tokenizer.")
     parser.add_argument("--corpus", required=True, help="demo corpus folder (with train/manifest.json)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--vocab-size", type=int, default=1000)
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=320,
+        help="BPE vocabulary incl. 256 byte symbols: the demo default keeps transcripts near character level, "
+        "which a model trained from scratch on a few hours learns far faster than sparse word pieces",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)

@@ -326,3 +326,41 @@ def test_greedy_generate_batch_equals_single(model, make_samples, make_batch):
             torch.testing.assert_close(
                 scores_batch[i], scores_alone[0], rtol=1e-4, atol=1e-4, msg=f"{i} {step}"
             )
+
+
+# ------------------------------------------------------------------------------------------ auxiliary CTC
+
+
+def test_ctc_loss_off_by_default(model, make_samples, make_batch):
+    out = _forward(model, make_batch(model, make_samples([1.0, 2.0])))
+    assert out.ctc_loss is None
+
+
+def test_ctc_loss_equals_per_row_reference(make_model, make_samples, make_batch):
+    model = make_model(ctc_weight=0.5)
+    # the 31 s clip has two windows: its CTC input is the concatenation of both windows' frames
+    batch = make_batch(model, make_samples([1.3, 31.0, 1.7]))
+    out = _forward(model, batch)
+    assert out.ctc_loss is not None and torch.isfinite(out.ctc_loss)
+
+    # reference: each clip alone through the encoder, its frames through the CTC head
+    total, n_targets = 0.0, 0
+    for sample in make_samples([1.3, 31.0, 1.7]):
+        single = make_batch(model, [sample])
+        hidden, lengths = model.encoder(single["input_features"], single["feature_lengths"])
+        frames = torch.cat([h[:n] for h, n in zip(hidden, lengths.tolist())])  # (T, D)
+        labels = single["labels"][0]
+        target = labels[(labels != -100) & (labels != model.end_of_turn_id)]
+        log_probs = model.ctc_head(frames).float().log_softmax(-1)[:, None]  # (T, 1, V)
+        total = total + torch.nn.functional.ctc_loss(
+            log_probs, target[None], [len(frames)], [len(target)], blank=model.tokenizer.pad_token_id,
+            reduction="sum",
+        )
+        n_targets += len(target)
+    torch.testing.assert_close(out.ctc_loss, total / n_targets, rtol=1e-4, atol=1e-5)
+
+    # CTC alone trains the encoder and its head, and nothing after the encoder
+    out.ctc_loss.backward()
+    assert model.encoder.encoder.conv1.weight.grad.abs().sum() > 0
+    assert model.ctc_head.weight.grad.abs().sum() > 0
+    assert model.projector.fc1.weight.grad is None
