@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from aero_lightning.data.features import SAMPLE_RATE_HZ
 from aero_lightning.metrics.wer import corpus_wer
 from aero_lightning.model.aero import AeroModel
 
@@ -127,8 +128,12 @@ class AeroLitModule(L.LightningModule):
         """Greedy (or beam) decode a generation batch (left-padded prompts) into text."""
         feats, feat_lengths = self.model.compute_features(batch["audio_windows"], batch["window_lengths"])
         generated = self.model.generate(
-            batch["input_ids"], batch["attention_mask"], feats, feat_lengths,
-            max_new_tokens=self.hparams.max_new_tokens, num_beams=self.hparams.num_beams,
+            batch["input_ids"],
+            batch["attention_mask"],
+            feats,
+            feat_lengths,
+            max_new_tokens=self.hparams.max_new_tokens,
+            num_beams=self.hparams.num_beams,
         )
         return self.model.tokenizer.batch_decode(generated, skip_special_tokens=True)
 
@@ -141,7 +146,13 @@ class AeroLitModule(L.LightningModule):
             batch["keys"], batch["references"], hyps, batch["corpora"], batch["audio_samples"].tolist()
         ):
             self._test_records.append(
-                {"key": key, "corpus": corpus, "reference": ref, "hypothesis": hyp.strip(), "duration_s": n / 16000}
+                {
+                    "key": key,
+                    "corpus": corpus,
+                    "reference": ref,
+                    "hypothesis": hyp.strip(),
+                    "duration_s": n / SAMPLE_RATE_HZ,
+                }
             )
 
     def on_test_epoch_end(self) -> None:

@@ -11,7 +11,7 @@ import time
 import lightning as L
 import torch
 
-SAMPLE_RATE_HZ = 16000
+from aero_lightning.data.features import SAMPLE_RATE_HZ
 
 
 class ThroughputMonitor(L.Callback):

@@ -76,12 +76,16 @@ def render_messages(messages: Sequence[dict], num_audio_tokens: Sequence[int]) -
     cursor = [0]
     out = [{"role": m["role"], "content": _content_to_text(m["content"], counts, cursor)} for m in messages]
     if cursor[0] != len(counts):
-        raise ValueError(f"{len(counts)} audio clip(s) given but the conversation has {cursor[0]} audio part(s)")
+        raise ValueError(
+            f"{len(counts)} audio clip(s) given but the conversation has {cursor[0]} audio part(s)"
+        )
     return out
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -164,5 +168,7 @@ def reference_text(messages: Sequence[dict]) -> str:
     for m in reversed(messages):
         if m["role"] == "assistant":
             c = m["content"]
-            return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if p.get("type") == "text")
+            return (
+                c if isinstance(c, str) else "".join(p.get("text", "") for p in c if p.get("type") == "text")
+            )
     return ""

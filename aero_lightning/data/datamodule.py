@@ -46,7 +46,9 @@ def resolve_split(folder: str | Path) -> list[str]:
         raise ValueError(f"{folder.resolve()}/manifest.json lists no shards: the split is empty, rebuild it")
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} shard(s) listed in {folder}/manifest.json are missing, e.g. {missing[0]}")
+        raise ValueError(
+            f"{len(missing)} shard(s) listed in {folder}/manifest.json are missing, e.g. {missing[0]}"
+        )
     return urls
 
 
@@ -65,7 +67,9 @@ class SampleDecoder:
 
     def _reject(self, key: str, reason: str, detail: str = "") -> None:
         self.rejected[reason] += 1
-        logger.warning("skipping sample %s: %s %s (rejected so far: %s)", key, reason, detail, dict(self.rejected))
+        logger.warning(
+            "skipping sample %s: %s %s (rejected so far: %s)", key, reason, detail, dict(self.rejected)
+        )
 
     def __call__(self, raw: dict) -> dict | None:
         key = raw.get("__key__", "?")
@@ -110,7 +114,11 @@ def _not_none(sample):
 
 
 def make_dataset(
-    urls: Sequence[str], train: bool, shuffle_buffer: int = 1000, seed: int = 0, max_duration_s: float | None = None
+    urls: Sequence[str],
+    train: bool,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    max_duration_s: float | None = None,
 ) -> wds.WebDataset:
     """WebDataset pipeline over shard ``urls``.
 
@@ -123,12 +131,18 @@ def make_dataset(
     """
     decoder = SampleDecoder(max_duration_s=max_duration_s)
     if train:
-        ds = wds.WebDataset(list(urls), resampled=True, seed=seed, handler=wds.warn_and_continue, empty_check=False)
+        ds = wds.WebDataset(
+            list(urls), resampled=True, seed=seed, handler=wds.warn_and_continue, empty_check=False
+        )
         ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100))
     else:
         ds = wds.WebDataset(
-            list(urls), shardshuffle=False, handler=wds.warn_and_continue, empty_check=False,
-            nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+            list(urls),
+            shardshuffle=False,
+            handler=wds.warn_and_continue,
+            empty_check=False,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
         )
     return ds.map(decoder).select(_not_none)
 
@@ -162,7 +176,10 @@ class AsrCollator:
             n = int(s["waveform"].shape[0])
             messages = prompt_messages(s["messages"]) if self.for_generation else s["messages"]
             enc = encode_chat(
-                tok, messages, [self.audio_token_counter(n)], self.end_of_turn_token,
+                tok,
+                messages,
+                [self.audio_token_counter(n)],
+                self.end_of_turn_token,
                 add_generation_prompt=self.for_generation,
             )
             encoded.append(enc)
@@ -245,7 +262,11 @@ class AeroDataModule(L.LightningDataModule):
         Raises:
             FileNotFoundError / ValueError: see :func:`resolve_split`.
         """
-        for folder in [*self.train_dirs, *self.val_dirs.values(), *([self.test_dir] if self.test_dir else [])]:
+        for folder in [
+            *self.train_dirs,
+            *self.val_dirs.values(),
+            *([self.test_dir] if self.test_dir else []),
+        ]:
             resolve_split(folder)
 
     def bind_model(self, tokenizer, audio_token_counter: Callable[[int], int]) -> None:
@@ -255,19 +276,30 @@ class AeroDataModule(L.LightningDataModule):
 
     def _collator(self, for_generation: bool) -> AsrCollator:
         if self.tokenizer is None:
-            raise RuntimeError("AeroDataModule.bind_model(tokenizer, counter) must be called before loading data")
+            raise RuntimeError(
+                "AeroDataModule.bind_model(tokenizer, counter) must be called before loading data"
+            )
         return AsrCollator(self.tokenizer, self.audio_token_counter, for_generation=for_generation)
 
     def _loader(self, ds, batch_size: int, for_generation: bool, workers: int) -> DataLoader:
         return DataLoader(
-            ds, batch_size=batch_size, num_workers=workers, collate_fn=self._collator(for_generation),
-            persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+            ds,
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=self._collator(for_generation),
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
         urls = [u for d in self.train_dirs for u in resolve_split(d)]
-        ds = make_dataset(urls, train=True, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
-                          max_duration_s=self.max_duration_s)
+        ds = make_dataset(
+            urls,
+            train=True,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            max_duration_s=self.max_duration_s,
+        )
         return self._loader(ds, self.batch_size, False, self.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -279,4 +311,6 @@ class AeroDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if not self.test_dir:
             raise ValueError("data.test_dir is not set; nothing to decode")
-        return self._loader(make_dataset(resolve_split(self.test_dir), train=False), self.eval_batch_size, True, 0)
+        return self._loader(
+            make_dataset(resolve_split(self.test_dir), train=False), self.eval_batch_size, True, 0
+        )

@@ -20,17 +20,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from aero_lightning.data.chat import AUDIO_SPECIAL_TOKENS, AUDIO_TOKEN, IGNORE_INDEX
-from aero_lightning.data.features import LogMelSpectrogram
+from aero_lightning.data.features import HOP_LENGTH, WINDOW_SAMPLES, LogMelSpectrogram
 from aero_lightning.model.encoders import WhisperAudioEncoder
 from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector, Projector
 
 logger = logging.getLogger(__name__)
-
-SAMPLE_RATE_HZ = 16000
-WINDOW_SAMPLES = 480_000
-"""30 s at 16 kHz: the encoder's window."""
-HOP_LENGTH = 160
-"""Samples per log-mel frame (10 ms at 16 kHz)."""
 
 PROJECTORS = {"mlp_stack": MLPStackProjector, "avgpool_linear": AvgPoolProjector}
 
@@ -101,9 +95,15 @@ def ensure_audio_tokens(tokenizer, llm: PreTrainedModel) -> None:
     Qwen2.5's tokenizer has no audio tokens (Qwen2-Audio's has); its embedding matrix is padded to 151 936 rows, so
     the new ids usually fit without resizing.
     """
-    missing = [t for t in AUDIO_SPECIAL_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    missing = [
+        t
+        for t in AUDIO_SPECIAL_TOKENS
+        if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
+    ]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
         logger.info("added audio special tokens %s to the tokenizer", missing)
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(len(tokenizer))
@@ -116,7 +116,9 @@ def check_architecture(name: str, config, expect: dict | None) -> None:
         ValueError: listing every mismatching field, e.g. a Whisper-small checkpoint under an experiment that
             expects Whisper-large-v3's ``d_model: 1280``.
     """
-    wrong = {k: (v, getattr(config, k, None)) for k, v in (expect or {}).items() if getattr(config, k, None) != v}
+    wrong = {
+        k: (v, getattr(config, k, None)) for k, v in (expect or {}).items() if getattr(config, k, None) != v
+    }
     if wrong:
         detail = ", ".join(f"{k}: expected {v[0]}, checkpoint has {v[1]}" for k, v in wrong.items())
         raise ValueError(f"model.{name} checkpoint does not match model.{name}.expect ({detail})")
@@ -243,7 +245,9 @@ class AeroModel(nn.Module):
                     hits[p.pattern] += 1
         unused = [p for p, n in hits.items() if n == 0]
         if unused:
-            raise ValueError(f"freeze patterns {unused} match no parameter; names look like 'encoder.encoder.conv1.weight'")
+            raise ValueError(
+                f"freeze patterns {unused} match no parameter; names look like 'encoder.encoder.conv1.weight'"
+            )
         self._frozen_components = [
             name
             for name, module in (("encoder", self.encoder), ("projector", self.projector), ("llm", self.llm))
@@ -291,10 +295,17 @@ class AeroModel(nn.Module):
         hidden, enc_lengths = self.encoder(input_features, feature_lengths)  # (W, S, D_enc)
         projected, proj_lengths = self.projector(hidden, enc_lengths)  # (W, S', D_llm)
         valid = torch.arange(projected.shape[1], device=projected.device)[None, :] < proj_lengths[:, None]
-        return projected[valid], (hidden, enc_lengths, proj_lengths)  # (N_audio, D_llm), row-major = window order
+        return projected[valid], (
+            hidden,
+            enc_lengths,
+            proj_lengths,
+        )  # (N_audio, D_llm), row-major = window order
 
     def build_inputs_embeds(
-        self, input_ids: torch.Tensor, input_features: torch.Tensor | None, feature_lengths: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        input_features: torch.Tensor | None,
+        feature_lengths: torch.Tensor | None,
     ) -> torch.Tensor:
         """LLM input embeddings with projected audio scattered into the ``<|AUDIO|>`` slots.
 
@@ -388,7 +399,10 @@ class AeroModel(nn.Module):
         """
         inputs_embeds, encoded = self._inputs_embeds_and_audio(input_ids, input_features, feature_lengths)
         out = self.llm(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         )
         logits = out.logits  # (B, L, V)
         if labels is None:
@@ -452,10 +466,16 @@ class AeroModel(nn.Module):
         self.encoder.encoder.save_pretrained(out / "encoder")
         self.llm.save_pretrained(out / "llm")
         self.tokenizer.save_pretrained(out / "llm")
-        save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, str(out / "projector.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in self.projector.state_dict().items()},
+            str(out / "projector.safetensors"),
+        )
         proj_kwargs = {"type": next(k for k, v in PROJECTORS.items() if isinstance(self.projector, v))}
         if isinstance(self.projector, MLPStackProjector):
-            proj_kwargs |= {"stack_factor": self.projector.downsample, "hidden_dim": self.projector.fc1.out_features}
+            proj_kwargs |= {
+                "stack_factor": self.projector.downsample,
+                "hidden_dim": self.projector.fc1.out_features,
+            }
         else:
             proj_kwargs |= {"pool": self.projector.downsample}
         config = {
@@ -475,7 +495,9 @@ class AeroModel(nn.Module):
         path = Path(path)
         cfg_file = path / "aero_config.json"
         if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file} not found: {path} is not a folder written by AeroModel.save_pretrained")
+            raise FileNotFoundError(
+                f"{cfg_file} not found: {path} is not a folder written by AeroModel.save_pretrained"
+            )
         cfg = json.loads(cfg_file.read_text())
         proj_cfg = dict(cfg["projector"])
         proj_cls = PROJECTORS[proj_cfg.pop("type")]
@@ -484,8 +506,11 @@ class AeroModel(nn.Module):
             return proj_cls(encoder_dim=encoder_dim, llm_dim=llm_dim, **proj_cfg)
 
         model = cls.from_components(
-            encoder={"name_or_path": str(path / "encoder"), "padding_free": cfg["padding_free"],
-                     "attn_implementation": attn_implementation},
+            encoder={
+                "name_or_path": str(path / "encoder"),
+                "padding_free": cfg["padding_free"],
+                "attn_implementation": attn_implementation,
+            },
             llm={"name_or_path": str(path / "llm"), "attn_implementation": attn_implementation},
             projector=projector,
             end_of_turn_token=cfg.get("end_of_turn_token", "<|im_end|>"),

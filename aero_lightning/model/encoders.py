@@ -109,9 +109,9 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
             # Boolean (W, 1, S, S) mask, True = attend; every query row has >= 1 valid key.
             attention_mask = key_valid[:, None, None, :].expand(num_windows, 1, seq_len, seq_len)
             if self.config._attn_implementation == "eager":
-                attention_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=x.device).masked_fill(
-                    ~attention_mask, torch.finfo(hidden_states.dtype).min
-                )
+                attention_mask = torch.zeros(
+                    attention_mask.shape, dtype=hidden_states.dtype, device=x.device
+                ).masked_fill(~attention_mask, torch.finfo(hidden_states.dtype).min)
 
         for layer in self.layers:
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
@@ -172,7 +172,9 @@ class WhisperAudioEncoder(nn.Module):
         """Encoder frames produced for ``feature_lengths`` log-mel frames (see :func:`whisper_output_lengths`)."""
         return whisper_output_lengths(feature_lengths)
 
-    def forward(self, input_features: torch.Tensor, feature_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_features: torch.Tensor, feature_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode windows.
 
         Args:

@@ -89,7 +89,12 @@ def tiny_whisper_config(
 
 
 def tiny_qwen2_config(
-    vocab_size: int, hidden_size: int = 256, layers: int = 4, heads: int = 4, kv_heads: int = 2, intermediate: int = 1024
+    vocab_size: int,
+    hidden_size: int = 256,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 1024,
 ) -> Qwen2Config:
     """A Qwen2-architecture config (GQA, RoPE, SwiGLU, RMSNorm) at toy size."""
     return Qwen2Config(
@@ -158,7 +163,9 @@ def corpus_texts(corpus_dir: str | Path, split: str = "train") -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny random-init demo encoder, LLM and tokenizer.")
+    parser = argparse.ArgumentParser(
+        description="Build the tiny random-init demo encoder, LLM and tokenizer."
+    )
     parser.add_argument("--corpus", required=True, help="demo corpus folder (with train/manifest.json)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -173,7 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
-    if (out / "llm" / "config.json").exists() and (out / "encoder" / "config.json").exists() and not args.overwrite:
+    if (
+        (out / "llm" / "config.json").exists()
+        and (out / "encoder" / "config.json").exists()
+        and not args.overwrite
+    ):
         logger.info("%s already holds the demo model; pass --overwrite to rebuild", out)
         return
     build_tiny_components(out, corpus_texts(args.corpus), vocab_size=args.vocab_size, seed=args.seed)

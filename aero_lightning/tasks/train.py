@@ -26,7 +26,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     """Instantiate the Lightning Trainer with the callbacks, loggers and strategy groups."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg.strategy))
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg.strategy)
+    )
 
 
 def train(cfg: DictConfig) -> dict:

@@ -11,7 +11,11 @@ def main(run_dir: str, every: int = 250) -> None:
     ea.Reload()
     tags = ea.Tags()["scalars"]
     train = {e.step: e.value for e in ea.Scalars("train/loss")}
-    val = {e.step: e.value for e in ea.Scalars("val/demo_espeak/loss")} if "val/demo_espeak/loss" in tags else {}
+    val = (
+        {e.step: e.value for e in ea.Scalars("val/demo_espeak/loss")}
+        if "val/demo_espeak/loss" in tags
+        else {}
+    )
     lr = {e.step: e.value for e in ea.Scalars("lr-AdamW/pg1")} if "lr-AdamW/pg1" in tags else {}
     tps = [e.value for e in ea.Scalars("perf/tokens_per_s")] if "perf/tokens_per_s" in tags else []
     aps = [e.value for e in ea.Scalars("perf/audio_s_per_s")] if "perf/audio_s_per_s" in tags else []

@@ -353,7 +353,11 @@ def test_ctc_loss_equals_per_row_reference(make_model, make_samples, make_batch)
         target = labels[(labels != -100) & (labels != model.end_of_turn_id)]
         log_probs = model.ctc_head(frames).float().log_softmax(-1)[:, None]  # (T, 1, V)
         total = total + torch.nn.functional.ctc_loss(
-            log_probs, target[None], [len(frames)], [len(target)], blank=model.tokenizer.pad_token_id,
+            log_probs,
+            target[None],
+            [len(frames)],
+            [len(target)],
+            blank=model.tokenizer.pad_token_id,
             reduction="sum",
         )
         n_targets += len(target)
