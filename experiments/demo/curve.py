@@ -1,4 +1,4 @@
-"""Print a run's TensorBoard scalars as a markdown table: python experiments/demo/curve.py outputs/demo_long."""
+"""Print a run's loss curve (at its validation steps) as a markdown table: python experiments/demo/curve.py RUN_DIR."""
 
 import sys
 from pathlib import Path
@@ -20,20 +20,16 @@ def main(run_dir: str, every: int = 250) -> None:
     tps = [e.value for e in ea.Scalars("perf/tokens_per_s")] if "perf/tokens_per_s" in tags else []
     aps = [e.value for e in ea.Scalars("perf/audio_s_per_s")] if "perf/audio_s_per_s" in tags else []
 
-    def near(d: dict, step: int):
-        if not d:
-            return None
-        k = min(d, key=lambda s: abs(s - step))
-        return d[k] if abs(k - step) <= 10 else None
-
-    print("| step | train loss (mean of last 50) | val loss | lr |")
+    print("| step | train loss (mean of last 50 logged) | val loss | lr |")
     print("|---:|---:|---:|---:|")
     last = max(train)
-    for step in [*range(every, last + 1, every), *([last] if last % every else [])]:
+    steps = sorted({*val, last} if val else {*range(every - 1, last + 1, every), last})
+    for step in steps:
         window = [v for s, v in train.items() if step - 50 < s <= step]
-        v, r = near(val, step), near(lr, step)
+        r = lr.get(max((s for s in lr if s <= step), default=min(lr))) if lr else None
+        v = val.get(step)
         print(
-            f"| {step} | {sum(window) / len(window):.3f} | {'' if v is None else f'{v:.3f}'} | "
+            f"| {step + 1} | {sum(window) / len(window):.3f} | {'' if v is None else f'{v:.3f}'} | "
             f"{'' if r is None else f'{r:.2e}'} |"
         )
     if tps:
