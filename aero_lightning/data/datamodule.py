@@ -132,7 +132,12 @@ def make_dataset(
     decoder = SampleDecoder(max_duration_s=max_duration_s)
     if train:
         ds = wds.WebDataset(
-            list(urls), resampled=True, shardshuffle=False, seed=seed, handler=wds.warn_and_continue, empty_check=False
+            list(urls),
+            resampled=True,
+            shardshuffle=False,
+            seed=seed,
+            handler=wds.warn_and_continue,
+            empty_check=False,
         )
         ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100))
     else:
