@@ -171,14 +171,14 @@ class AeroModel(nn.Module):
         ctc_weight: float = 0.0,
     ):
         super().__init__()
-        self.ctc_weight = float(ctc_weight)
-        if self.ctc_weight > 0:
-            self.ctc_head = nn.Linear(encoder.hidden_size, llm.get_output_embeddings().weight.shape[0])
         self.encoder = encoder
         self.projector = projector
         self.llm = llm
         self.tokenizer = tokenizer
         ensure_audio_tokens(tokenizer, llm)
+        self.ctc_weight = float(ctc_weight)
+        if self.ctc_weight > 0:  # sized after ensure_audio_tokens may have grown the vocabulary
+            self.ctc_head = nn.Linear(encoder.hidden_size, llm.get_output_embeddings().weight.shape[0])
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
         self.end_of_turn_token = end_of_turn_token
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(end_of_turn_token)
