@@ -20,10 +20,6 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 logger = logging.getLogger(__name__)
 
-WINDOW_FRAMES = 3000
-"""Log-mel frames per 30 s Whisper window (10 ms hop)."""
-
-
 def whisper_output_lengths(frame_lengths: torch.Tensor | int) -> torch.Tensor | int:
     """Encoder output frames for ``frame_lengths`` log-mel frames.
 
