@@ -87,16 +87,18 @@ class AeroLitModule(L.LightningModule):
         feats, feat_lengths = self.model.compute_features(batch["audio_windows"], batch["window_lengths"])
         return self.model(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            attention_mask=batch.get("attention_mask"),  # absent for packed batches
             input_features=feats,
             feature_lengths=feat_lengths,
             labels=batch.get("labels"),
+            position_ids=batch.get("position_ids"),
+            cu_seqlens=batch.get("cu_seqlens"),
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self._forward(batch)
         loss = out.loss
-        bs = batch["input_ids"].shape[0]
+        bs = len(batch["keys"])  # documents (a packed batch is one row of several)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if out.ctc_loss is not None:
             self.log("train/ctc_loss", out.ctc_loss, prog_bar=True, batch_size=bs)

@@ -58,7 +58,8 @@ def test_experiment_composes_and_resolves(experiment, tmp_path, monkeypatch):
     for name, callback in cfg.callbacks.items():
         assert instantiate(callback) is not None, name
     datamodule = instantiate(cfg.data)
-    assert datamodule.train_dirs and datamodule.test_dir
+    assert datamodule.train and datamodule.test_dir
+    assert datamodule.packing_mode in ("padded", "packed") and datamodule.packing_length > 0
 
 
 def test_aero_full_states_whisper_large_v3_and_qwen2_5_1_5b(tmp_path):
@@ -80,7 +81,7 @@ def test_aero_full_states_whisper_large_v3_and_qwen2_5_1_5b(tmp_path):
 
 def test_aero_full_validates_on_librispeech_only(tmp_path):
     cfg = _compose("aero_full", tmp_path)
-    assert list(cfg.data.val_dirs) == ["librispeech_dev_clean"]
+    assert list(cfg.data.val_dirs) == ["librispeech_dev_clean", "librispeech_dev_other"]
 
 
 def test_demo_experiment_builds_the_model_from_config(tiny_dir, tmp_path):

@@ -48,9 +48,9 @@ def base_overrides(corpus: Path, model: Path, out: Path) -> list[str]:
         f"paths.demo_model_dir={model}",
         f"hydra.run.dir={out}",
         "data.num_workers=0",
-        "data.batch_size=4",
+        "data.packing.packing_length=400",
+        "data.packing.buffer_size=16",
         "data.eval_batch_size=4",
-        "data.shuffle_buffer=8",
         "trainer.enable_progress_bar=false",
     ]
 

@@ -1,7 +1,8 @@
 """Training throughput: real LLM tokens per second, audio seconds per second, padding ratio, data-wait fraction.
 
-Only real tokens count (``attention_mask`` ones); padding is reported separately as ``padding_ratio`` =
-padded positions / all positions of the LLM input.
+Only real tokens count (``attention_mask`` ones; every position of a packed row); padding is reported separately
+as ``padding_ratio`` = padded positions / all positions of the LLM input. Training samples the stream skipped are
+logged as ``data/rejected/<reason>`` (cumulative, this rank).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class ThroughputMonitor(L.Callback):
         now = time.perf_counter()
         if self._batch_end is not None:
             self._wait_s += now - self._batch_end
-        mask = batch["attention_mask"]
-        self._tokens += int(mask.sum())
-        self._positions += mask.numel()
+        mask = batch.get("attention_mask")
+        positions = batch["input_ids"].numel()
+        self._tokens += int(mask.sum()) if mask is not None else positions
+        self._positions += positions
         self._audio_samples += int(batch["window_lengths"].sum())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -59,6 +61,10 @@ class ThroughputMonitor(L.Callback):
         }
         if torch.cuda.is_available():
             metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "rejected_counts"):
+            for reason, count in datamodule.rejected_counts().items():
+                metrics[f"data/rejected/{reason}"] = float(count)
         pl_module.log_dict(metrics, prog_bar=False, rank_zero_only=True)
         pl_module.log("tok/s", metrics["perf/tokens_per_s"], prog_bar=True, rank_zero_only=True)
         self._reset()

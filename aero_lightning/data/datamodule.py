@@ -1,8 +1,8 @@
-"""WebDataset streaming of prepared corpus splits into padded training and generation batches.
+"""The Lightning data module: training mixture stream, named validation sets, test set, exact resume.
 
-Training reads an infinite, resampled stream of shards (training is step-based, so no rank can run dry: finite
-per-rank shard lists hang DDP, webdataset issues 188 and 225) through a shuffle buffer. Validation and test sets
-are finite and read in order. Workers only decode FLAC; log-mel is computed on the accelerator by the model.
+Training batches come from :class:`aero_lightning.data.stream.TrainStream` (weighted, resampled, token-budget
+batching, padded or packed). Validation and test sets are finite WebDataset passes read in order, padded.
+Workers only decode FLAC; log-mel is computed on the accelerator by the model.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +20,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from aero_lightning.data.chat import IGNORE_INDEX, encode_chat, prompt_messages, reference_text
+from aero_lightning.data.chat import encode_chat, prompt_messages, reference_text
 from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.data.packing import collate_padded
 from aero_lightning.data.shards import decode_audio, read_manifest, shard_urls
+from aero_lightning.data.stream import TrainStream, identity, mixture_probs, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -113,48 +115,28 @@ def _not_none(sample):
     return sample is not None
 
 
-def make_dataset(
-    urls: Sequence[str],
-    train: bool,
-    shuffle_buffer: int = 1000,
-    seed: int = 0,
-    max_duration_s: float | None = None,
-) -> wds.WebDataset:
-    """WebDataset pipeline over shard ``urls``.
+def make_dataset(urls: Sequence[str], max_duration_s: float | None = None) -> wds.WebDataset:
+    """Finite, ordered WebDataset pass over shard ``urls`` (validation and test), split by rank x worker.
 
     Args:
         urls: shard paths.
-        train: infinite resampled stream with a shuffle buffer; otherwise one ordered pass split by rank x worker.
-        shuffle_buffer: samples held for shuffling (train only).
-        seed: shard-resampling and shuffle seed.
-        max_duration_s: skip longer samples.
+        max_duration_s: skip longer samples (seconds).
     """
     decoder = SampleDecoder(max_duration_s=max_duration_s)
-    if train:
-        ds = wds.WebDataset(
-            list(urls),
-            resampled=True,
-            shardshuffle=False,
-            seed=seed,
-            handler=wds.warn_and_continue,
-            empty_check=False,
-        )
-        ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100))
-    else:
-        ds = wds.WebDataset(
-            list(urls),
-            shardshuffle=False,
-            handler=wds.warn_and_continue,
-            empty_check=False,
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-        )
+    ds = wds.WebDataset(
+        list(urls),
+        shardshuffle=False,
+        handler=wds.warn_and_continue,
+        empty_check=False,
+        nodesplitter=wds.split_by_node,
+        workersplitter=wds.split_by_worker,
+    )
     return ds.map(decoder).select(_not_none)
 
 
 @dataclass
 class AsrCollator:
-    """Padded batches of chat samples with their audio cut into 30 s windows.
+    """Padded batches of chat samples with their audio cut into 30 s windows (validation and generation).
 
     Args:
         tokenizer: LLM tokenizer with chat template and audio tokens.
@@ -174,148 +156,247 @@ class AsrCollator:
     end_of_turn_token: str = "<|im_end|>"
 
     def __call__(self, samples: list[dict]) -> dict:
-        tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        encoded, windows = [], []
+        encoded = []
         for s in samples:
-            n = int(s["waveform"].shape[0])
             messages = prompt_messages(s["messages"]) if self.for_generation else s["messages"]
             enc = encode_chat(
-                tok,
+                self.tokenizer,
                 messages,
-                [self.audio_token_counter(n)],
+                [self.audio_token_counter(int(s["waveform"].shape[0]))],
                 self.end_of_turn_token,
                 add_generation_prompt=self.for_generation,
             )
-            encoded.append(enc)
-            start = 0
-            for length in self.audio_token_counter.window_lengths(n):
-                windows.append(s["waveform"][start : start + length])
-                start += length
-        batch_size = len(samples)
-        max_len = max(len(e.input_ids) for e in encoded)
-        input_ids = torch.full((batch_size, max_len), pad_id, dtype=torch.long)
-        labels = torch.full((batch_size, max_len), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, max_len), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            n = len(e.input_ids)
-            sl = slice(max_len - n, max_len) if self.for_generation else slice(0, n)
-            input_ids[i, sl] = torch.tensor(e.input_ids)
-            labels[i, sl] = torch.tensor(e.labels)
-            attention_mask[i, sl] = 1
-        window_lengths = torch.tensor([len(w) for w in windows], dtype=torch.long)
-        audio_windows = torch.zeros((len(windows), int(window_lengths.max())), dtype=torch.float32)
-        for i, w in enumerate(windows):
-            audio_windows[i, : len(w)] = torch.from_numpy(np.ascontiguousarray(w))
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "audio_windows": audio_windows,
-            "window_lengths": window_lengths,
-            "audio_samples": torch.tensor([int(s["waveform"].shape[0]) for s in samples], dtype=torch.long),
-            "keys": [s["key"] for s in samples],
-            "references": [reference_text(s["messages"]) for s in samples],
-            "corpora": [s["corpus"] for s in samples],
-        }
+            encoded.append(s | {"input_ids": enc.input_ids, "labels": enc.labels})
+        return collate_padded(
+            encoded, self.audio_token_counter, pad_token_id(self.tokenizer), left_pad=self.for_generation
+        )
+
+
+def _weight(folder: str, weight: float | None) -> float:
+    if weight is not None:
+        return float(weight)
+    hours = float(read_manifest(folder).get("hours", 0.0))
+    if hours <= 0:
+        raise ValueError(f"{folder}/manifest.json has no hours; give the corpus an explicit weight")
+    return hours
 
 
 class AeroDataModule(L.LightningDataModule):
-    """Training stream, named validation sets and a test set, from prepared split folders.
+    """Weighted multi-corpus training stream, named validation sets and a test set (design §5).
 
     Args:
-        train_dirs: split folders mixed uniformly by shard for training (weighted mixtures arrive with the
-            multi-corpus stream).
+        train: ``{corpus: folder}`` or ``{corpus: {"dir": folder, "weight": w}}``; a missing weight means the
+            corpus's hours from its manifest.
         val_dirs: ``{name: folder}`` finite validation sets, one per corpus.
         test_dir: folder decoded after training (WER), or None.
-        batch_size: samples per training micro-batch.
+        temperature: mixture temperature ``T``: ``p_i ∝ w_i^(1/T)`` (see :func:`stream.mixture_probs`).
+        packing: ``{"mode": "padded" | "packed", "packing_length": tokens, "buffer_size": samples}``.
         eval_batch_size: samples per validation / generation batch.
-        num_workers: DataLoader worker processes (decode only).
-        shuffle_buffer: training shuffle buffer, samples.
-        max_duration_s: skip longer training samples.
+        num_workers: DataLoader worker processes for training (decode only; log-mel runs on the accelerator).
+        max_duration_s: skip longer training samples (seconds), or None.
         seed: stream seed.
+
+    The training loader's position is part of the checkpoint (:meth:`state_dict`): each consumed batch carries its
+    worker's stream state, and a resumed run restores every worker exactly, so it sees the same batches an
+    uninterrupted run would have seen. That needs the same world size and ``num_workers``; otherwise the stream
+    restarts with a new seed and a warning.
     """
 
     def __init__(
         self,
-        train_dirs: Sequence[str],
-        val_dirs: dict[str, str] | None = None,
+        train: Mapping[str, str | Mapping],
+        val_dirs: Mapping[str, str] | None = None,
         test_dir: str | None = None,
-        batch_size: int = 16,
+        temperature: float = 1.0,
+        packing: Mapping | None = None,
         eval_batch_size: int = 32,
         num_workers: int = 1,
-        shuffle_buffer: int = 1000,
-        max_duration_s: float | None = 60.0,
+        max_duration_s: float | None = None,
         seed: int = 0,
     ):
         super().__init__()
-        self.train_dirs = list(train_dirs)
+        self.train = {
+            name: (dict(v) if isinstance(v, Mapping) else {"dir": v, "weight": None})
+            for name, v in train.items()
+        }
         self.val_dirs = dict(val_dirs or {})
         self.test_dir = test_dir
-        self.batch_size = batch_size
+        self.temperature = float(temperature)
+        packing = dict(packing or {})
+        self.packing_mode = packing.get("mode", "packed")
+        self.packing_length = int(packing.get("packing_length", 4096))
+        self.buffer_size = int(packing.get("buffer_size", 1000))
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self.shuffle_buffer = shuffle_buffer
         self.max_duration_s = max_duration_s
         self.seed = seed
         self.tokenizer = None
         self.audio_token_counter = None
+        self.end_of_turn_token = "<|im_end|>"
+        self._loaded: dict | None = None
+        self._reset_tracking({})
 
+    # ------------------------------------------------------------------ checks and binding
     def check(self) -> None:
-        """Resolve every configured folder now, so a bad path fails before the model trains.
+        """Resolve every configured folder and the mixture now, so bad config fails before the model trains.
 
         Raises:
-            FileNotFoundError / ValueError: see :func:`resolve_split`.
+            FileNotFoundError / ValueError: see :func:`resolve_split` and :func:`stream.mixture_probs`.
         """
+        if not self.train:
+            raise ValueError("data.train lists no corpora")
         for folder in [
-            *self.train_dirs,
+            *(c["dir"] for c in self.train.values()),
             *self.val_dirs.values(),
             *([self.test_dir] if self.test_dir else []),
         ]:
             resolve_split(folder)
+        self.mixture_probs()
 
-    def bind_model(self, tokenizer, audio_token_counter: Callable[[int], int]) -> None:
-        """Give the collators the model's tokenizer and audio token counter."""
+    def mixture_probs(self) -> dict[str, float]:
+        """Sampling probability per training corpus."""
+        return mixture_probs(
+            {name: _weight(c["dir"], c.get("weight")) for name, c in self.train.items()}, self.temperature
+        )
+
+    def bind_model(
+        self, tokenizer, audio_token_counter: Callable[[int], int], end_of_turn_token: str = "<|im_end|>"
+    ) -> None:
+        """Give the stream and collators the model's tokenizer and audio token counter."""
         self.tokenizer = tokenizer
         self.audio_token_counter = audio_token_counter
+        self.end_of_turn_token = end_of_turn_token
 
-    def _collator(self, for_generation: bool) -> AsrCollator:
+    def _require_model(self) -> None:
         if self.tokenizer is None:
             raise RuntimeError(
                 "AeroDataModule.bind_model(tokenizer, counter) must be called before loading data"
             )
-        return AsrCollator(self.tokenizer, self.audio_token_counter, for_generation=for_generation)
 
-    def _loader(self, ds, batch_size: int, for_generation: bool, workers: int) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=self._collator(for_generation),
-            persistent_workers=False,
-            prefetch_factor=4 if workers > 0 else None,
-        )
-
+    # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        urls = [u for d in self.train_dirs for u in resolve_split(d)]
-        ds = make_dataset(
-            urls,
-            train=True,
-            shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed,
+        self._require_model()
+        workers = max(1, self.num_workers)
+        resume = self._resume_assignment(workers)
+        stream = TrainStream(
+            {name: resolve_split(c["dir"]) for name, c in self.train.items()},
+            self.mixture_probs(),
+            self.tokenizer,
+            self.audio_token_counter,
+            mode=self.packing_mode,
+            packing_length=self.packing_length,
+            buffer_size=self.buffer_size,
+            seed=self.seed + (self._reseed if resume is None else 0),
             max_duration_s=self.max_duration_s,
+            end_of_turn_token=self.end_of_turn_token,
+            resume=resume,
         )
-        return self._loader(ds, self.batch_size, False, self.num_workers)
+        self._reset_tracking(resume or {})
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=identity,
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+
+    def _eval_loader(self, folder: str, for_generation: bool) -> DataLoader:
+        self._require_model()
+        return DataLoader(
+            make_dataset(resolve_split(folder)),
+            batch_size=self.eval_batch_size,
+            num_workers=0,
+            collate_fn=AsrCollator(
+                self.tokenizer, self.audio_token_counter, for_generation, self.end_of_turn_token
+            ),
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [
-            self._loader(make_dataset(resolve_split(d), train=False), self.eval_batch_size, False, 0)
-            for d in self.val_dirs.values()
-        ]
+        return [self._eval_loader(d, False) for d in self.val_dirs.values()]
 
     def test_dataloader(self) -> DataLoader:
         if not self.test_dir:
             raise ValueError("data.test_dir is not set; nothing to decode")
-        return self._loader(
-            make_dataset(resolve_split(self.test_dir), train=False), self.eval_batch_size, True, 0
+        return self._eval_loader(self.test_dir, True)
+
+    # ------------------------------------------------------------------ exact resume
+    def _reset_tracking(self, handed_out: Mapping[int, Mapping]) -> None:
+        self._worker_states: dict[int, dict] = {int(k): dict(v) for k, v in handed_out.items()}
+        self._consumed = 0
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Record the stream state of every consumed training batch (and drop it from the batch)."""
+        state = batch.pop("data_state", None) if isinstance(batch, dict) else None
+        if state is not None:
+            self._worker_states[int(state["slot"])] = state
+            self._consumed += 1
+        return batch
+
+    def rejected_counts(self) -> dict[str, int]:
+        """Training samples skipped so far on this rank, by reason (summed over the workers' consumed batches)."""
+        total: Counter[str] = Counter()
+        for state in self._worker_states.values():
+            total.update(state.get("rejects", {}))
+        return dict(total)
+
+    def _local_state(self) -> dict:
+        rank, world = (
+            (torch.distributed.get_rank(), torch.distributed.get_world_size())
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else (0, 1)
         )
+        return {
+            "rank": rank,
+            "world_size": world,
+            "num_workers": max(1, self.num_workers),
+            "consumed": self._consumed,
+            "workers": self._worker_states,
+        }
+
+    def state_dict(self) -> dict:
+        """Every rank's training-stream position (gathered from all ranks; Lightning calls this on each rank)."""
+        local = self._local_state()
+        ranks = [local]
+        if local["world_size"] > 1:
+            ranks = [None] * local["world_size"]
+            torch.distributed.all_gather_object(ranks, local)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Keep the saved positions; the next :meth:`train_dataloader` restores them."""
+        self._loaded = state_dict
+
+    def _resume_assignment(self, workers: int) -> dict[int, dict] | None:
+        """``{worker slot: state}`` so the new loader continues where the saved one stopped.
+
+        A fresh DataLoader asks its workers for batches in round-robin order starting at slot 0, while the saved
+        loader's next batch was due from slot ``consumed % workers``; slot ``w`` therefore takes the state of the
+        saved slot ``(w + consumed) % workers``.
+        """
+        self._reseed = 0
+        if not self._loaded:
+            return None
+        loaded, self._loaded = self._loaded, None
+        local = self._local_state()
+        ranks = loaded.get("ranks", [])
+        if len(ranks) != local["world_size"] or any(r["num_workers"] != workers for r in ranks):
+            self._reseed = 1 + sum(r["consumed"] for r in ranks)
+            logger.warning(
+                "checkpoint data state is for %d rank(s) x %s workers, this run has %d x %d: exact data resume "
+                "is impossible, the training stream restarts with seed offset %d",
+                len(ranks),
+                sorted({r["num_workers"] for r in ranks}),
+                local["world_size"],
+                workers,
+                self._reseed,
+            )
+            return None
+        saved = ranks[local["rank"]]
+        states = {int(k): v for k, v in saved["workers"].items()}
+        base = local["rank"] * workers
+        assignment = {}
+        for w in range(workers):
+            old = (w + saved["consumed"]) % workers
+            assignment[w] = states.get(old, {"logical_id": base + old})
+        return assignment

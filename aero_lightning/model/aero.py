@@ -339,12 +339,20 @@ class AeroModel(nn.Module):
             )
         return inputs_embeds.masked_scatter(slots[..., None], audio), encoded
 
-    def _ctc_loss(self, encoded, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """CTC between each row's encoder frames and its reply tokens (the -100-free labels minus the end-of-turn
-        token); summed over rows, divided by the number of target tokens."""
+    def _ctc_loss(
+        self, encoded, input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """CTC between each document's encoder frames and its reply tokens (the -100-free labels minus the
+        end-of-turn token); summed over documents, divided by the number of target tokens. Documents are the rows
+        of a padded batch, or the ``cu_seqlens`` segments of a packed row."""
+        if cu_seqlens is not None:
+            bounds = cu_seqlens.tolist()
+            docs = [(input_ids[0, a:b], labels[0, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            docs = list(zip(input_ids, labels))
         hidden, enc_lengths, proj_lengths = encoded
-        # windows are in row order: walk them until each row's <|AUDIO|> slot count is reached
-        slots = (input_ids == self.audio_token_id).sum(1).tolist()  # (B,)
+        # windows are in document order: walk them until each document's <|AUDIO|> slot count is reached
+        slots = [int((ids == self.audio_token_id).sum()) for ids, _ in docs]
         proj = proj_lengths.tolist()
         valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < enc_lengths[:, None]
         log_probs = self.ctc_head(hidden).float().log_softmax(-1)  # (W, S, V)
@@ -354,7 +362,8 @@ class AeroModel(nn.Module):
             while acc < n_slots:
                 acc += proj[w]
                 w += 1
-            target = labels[b][(labels[b] != IGNORE_INDEX) & (labels[b] != self.end_of_turn_id)]
+            lab = docs[b][1]
+            target = lab[(lab != IGNORE_INDEX) & (lab != self.end_of_turn_id)]
             if n_slots and len(target):
                 rows.append(log_probs[start:w][valid[start:w]])  # (frames_b, V)
                 targets.append(target.to(hidden.device))
@@ -381,17 +390,22 @@ class AeroModel(nn.Module):
         feature_lengths: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> AeroOutput:
-        """Teacher-forced forward pass.
+        """Teacher-forced forward pass, on a padded batch or on one packed row of documents.
 
         Args:
-            input_ids: ``(B, L)`` token ids with ``<|AUDIO|>`` slots.
-            attention_mask: ``(B, L)`` 1 for real tokens, 0 for padding.
+            input_ids: ``(B, L)`` token ids with ``<|AUDIO|>`` slots; for a packed batch ``(1, L)`` documents
+                back to back.
+            attention_mask: ``(B, L)`` 1 for real tokens, 0 for padding; None for a packed batch.
             input_features: ``(W, num_mel_bins, T)`` log-mel windows of the batch's audio, in slot order.
             feature_lengths: ``(W,)`` valid frames per window.
             labels: ``(B, L)`` target ids, -100 where no loss is taken (unshifted: position t is predicted from
                 positions < t).
-            position_ids: ``(B, L)`` optional explicit positions.
+            position_ids: ``(B, L)`` optional explicit positions; for a packed batch they restart at 0 in every
+                document, which confines attention to the document (transformers builds the per-document mask
+                from them when ``attention_mask`` is None and ``use_cache=False``).
+            cu_seqlens: ``(D+1,)`` document boundaries of a packed row (used by the CTC head).
 
         Returns:
             :class:`AeroOutput` with the summed loss and the target-token count, so callers can normalise over a
@@ -418,7 +432,7 @@ class AeroModel(nn.Module):
         num_targets = (shift_labels != IGNORE_INDEX).sum()
         ctc = None
         if self.ctc_weight > 0 and encoded is not None:
-            ctc = self._ctc_loss(encoded, input_ids, labels)
+            ctc = self._ctc_loss(encoded, input_ids, labels, cu_seqlens)
         return AeroOutput(logits=logits, loss_sum=loss_sum, num_target_tokens=num_targets, ctc_loss=ctc)
 
     @torch.no_grad()

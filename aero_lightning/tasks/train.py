@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> dict:
 
     model = instantiate(cfg.model, _convert_="all")
     module: AeroLitModule = instantiate(cfg.module, model=model, _convert_="all")
-    datamodule.bind_model(model.tokenizer, model.audio_token_counter())
+    datamodule.bind_model(model.tokenizer, model.audio_token_counter(), model.end_of_turn_token)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %.2fM trainable", n_all / 1e6, n_train / 1e6)

@@ -1,0 +1,273 @@
+"""Token-budget batching and padding-free packing (design §4).
+
+Every sample's LLM cost is known before its audio is decoded: ``audio tokens + text tokens``, where the audio
+tokens are a pure function of the duration stored in the sample's JSON (:class:`AudioTokenCounter`) and the
+text tokens come from rendering the chat template. A micro-batch is budgeted in LLM tokens
+(``packing_length``):
+
+- ``packed``: documents are concatenated into one row, ``sum(costs) <= packing_length``; planned with greedy
+  first-fit-decreasing (FFD, Johnson 1973; at most 11/9 OPT + 6/9 bins, Dósa 2007) within a buffer.
+- ``padded``: documents are padded to the longest in the batch, ``len(batch) * max(costs) <= packing_length``;
+  planned by sorting the buffer by cost so that similar lengths share a batch.
+
+Samples whose cost exceeds ``packing_length`` are never truncated: the planners raise, and the stream skips and
+counts them before planning.
+
+The packed batch contract (all CPU tensors, no L x L mask anywhere)::
+
+    input_ids     (1, L) int64   documents back to back, L = sum of document lengths (no padding)
+    labels        (1, L) int64   unshifted targets, -100 outside assistant replies and at every document's
+                                 first position, so the model's one-token shift never crosses a boundary
+    position_ids  (1, L) int64   0..len_d-1 restarting in every document
+    cu_seqlens    (D+1,) int32   cumulative document lengths, cu_seqlens[0] = 0, cu_seqlens[-1] = L
+    max_seqlen    int            longest document
+    audio_windows (W, N) float32 30 s windows of all documents in order, zero-padded to the longest window
+    window_lengths (W,)  int64   valid samples per window
+    encoder_cu_seqlens (W+1,) int32  cumulative encoder frames per window (the encoder's own documents)
+    audio_samples (D,)   int64   samples per document's audio
+    keys, references, corpora    lists of D strings
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from aero_lightning.data.chat import IGNORE_INDEX, reference_text
+
+PACKING_MODES = ("padded", "packed")
+
+
+def _check_costs(costs: Sequence[int], capacity: int) -> None:
+    if capacity < 1:
+        raise ValueError(f"packing_length must be >= 1 token, got {capacity}")
+    over = [c for c in costs if c > capacity]
+    if over:
+        raise ValueError(
+            f"{len(over)} sample(s) cost more than packing_length={capacity} tokens (largest {max(over)}); "
+            "skip them before planning or raise data.packing.packing_length"
+        )
+    if any(c < 1 for c in costs):
+        raise ValueError("every sample must cost at least 1 token")
+
+
+def plan_packed(costs: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group samples into packs of at most ``capacity`` tokens with first-fit-decreasing.
+
+    Args:
+        costs: tokens per sample (audio + text).
+        capacity: ``packing_length``, tokens per pack.
+
+    Returns:
+        Lists of sample indices, one per pack; each pack's costs sum to at most ``capacity``. Within a pack the
+        indices are in decreasing cost order; packs are in creation order (fullest first, roughly).
+
+    Raises:
+        ValueError: if a cost exceeds ``capacity`` or is < 1.
+    """
+    _check_costs(costs, capacity)
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        c = costs[i]
+        for b, room in enumerate(free):
+            if c <= room:
+                bins[b].append(i)
+                free[b] = room - c
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - c)
+    return bins
+
+
+def plan_padded(costs: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group samples into padded batches with ``len(batch) * max(cost) <= capacity``.
+
+    Samples are sorted by decreasing cost and cut greedily, so each batch holds samples of similar length.
+
+    Args:
+        costs: tokens per sample.
+        capacity: token budget per padded batch (batch size x padded length).
+
+    Returns:
+        Lists of sample indices, one per batch.
+
+    Raises:
+        ValueError: if a cost exceeds ``capacity`` or is < 1.
+    """
+    _check_costs(costs, capacity)
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * costs[batches[-1][0]] <= capacity:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def plan_batches(costs: Sequence[int], capacity: int, mode: str) -> list[list[int]]:
+    """Dispatch to :func:`plan_packed` or :func:`plan_padded`.
+
+    Raises:
+        ValueError: for an unknown ``mode`` (must be ``padded`` or ``packed``) or an over-budget cost.
+    """
+    if mode == "packed":
+        return plan_packed(costs, capacity)
+    if mode == "padded":
+        return plan_padded(costs, capacity)
+    raise ValueError(f"data.packing.mode must be one of {PACKING_MODES}, got {mode!r}")
+
+
+def plan_stats(costs: Sequence[int], batches: Sequence[Sequence[int]], mode: str, capacity: int) -> dict:
+    """Token accounting of a plan.
+
+    Args:
+        costs: tokens per sample.
+        batches: the plan (lists of sample indices).
+        mode: ``padded`` or ``packed``.
+        capacity: ``packing_length`` in tokens.
+
+    Returns:
+        ``real_tokens`` (sum of costs), ``computed_tokens`` (what the LLM processes: ``len(b) * max`` per padded
+        batch, the real tokens for a pack), ``budget_tokens`` (``len(batches) * capacity``), ``real_fraction``
+        (real / computed) and ``fill_ratio`` (real / budget: how much of each micro-batch's token budget is real
+        data).
+    """
+    real = sum(costs[i] for b in batches for i in b)
+    if mode == "packed":
+        computed = real
+    else:
+        computed = sum(len(b) * max(costs[i] for i in b) for b in batches)
+    budget = len(batches) * capacity
+    return {
+        "real_tokens": real,
+        "computed_tokens": computed,
+        "budget_tokens": budget,
+        "real_fraction": real / computed if computed else 0.0,
+        "fill_ratio": real / budget if budget else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------------- collate
+
+
+def _windows(samples: Sequence[dict], counter) -> tuple[torch.Tensor, torch.Tensor]:
+    windows = []
+    for s in samples:
+        start = 0
+        for length in counter.window_lengths(int(s["waveform"].shape[0])):
+            windows.append(s["waveform"][start : start + length])
+            start += length
+    window_lengths = torch.tensor([len(w) for w in windows], dtype=torch.long)
+    audio_windows = torch.zeros((len(windows), int(window_lengths.max())), dtype=torch.float32)  # (W, N)
+    for i, w in enumerate(windows):
+        audio_windows[i, : len(w)] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    return audio_windows, window_lengths
+
+
+def _common(samples: Sequence[dict], counter) -> dict[str, Any]:
+    audio_windows, window_lengths = _windows(samples, counter)
+    return {
+        "audio_windows": audio_windows,
+        "window_lengths": window_lengths,
+        "audio_samples": torch.tensor([int(s["waveform"].shape[0]) for s in samples], dtype=torch.long),
+        "keys": [s["key"] for s in samples],
+        "references": [reference_text(s["messages"]) for s in samples],
+        "corpora": [s.get("corpus", "") for s in samples],
+    }
+
+
+def collate_padded(samples: Sequence[dict], counter, pad_id: int, left_pad: bool = False) -> dict[str, Any]:
+    """Padded batch of pre-tokenised samples.
+
+    Args:
+        samples: dicts with ``input_ids`` and ``labels`` (lists of ints, equal length), ``waveform`` (T,) float32
+            at 16 kHz, ``key``, ``messages`` and optionally ``corpus``.
+        counter: :class:`~aero_lightning.model.aero.AudioTokenCounter` of the model (30 s window split).
+        pad_id: token id used for padding.
+        left_pad: pad on the left (generation prompts) instead of the right.
+
+    Returns:
+        ``input_ids (B, L)``, ``attention_mask (B, L)``, ``labels (B, L)`` (-100 on padding) plus the audio and
+        bookkeeping fields of the module docstring.
+    """
+    batch_size = len(samples)
+    max_len = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((batch_size, max_len), pad_id, dtype=torch.long)
+    labels = torch.full((batch_size, max_len), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, max_len), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        sl = slice(max_len - n, max_len) if left_pad else slice(0, n)
+        input_ids[i, sl] = torch.tensor(s["input_ids"])
+        labels[i, sl] = torch.tensor(s["labels"])
+        attention_mask[i, sl] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels} | _common(
+        samples, counter
+    )
+
+
+def encoder_frames_per_window(counter, window_lengths: torch.Tensor) -> torch.Tensor:
+    """Encoder output frames of each window: ``ceil(ceil(samples / hop) / encoder_downsample)``.
+
+    Args:
+        counter: the model's :class:`~aero_lightning.model.aero.AudioTokenCounter`.
+        window_lengths: ``(W,)`` samples per window.
+
+    Returns:
+        ``(W,)`` int64 frames (1500 for a full 30 s window of Whisper).
+    """
+    frames = (window_lengths + counter.hop_length - 1) // counter.hop_length
+    return (frames + counter.encoder_downsample - 1) // counter.encoder_downsample
+
+
+def _cu(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+
+
+def collate_packed(samples: Sequence[dict], counter) -> dict[str, Any]:
+    """One padding-free row of documents, following the packed batch contract of the module docstring.
+
+    Args:
+        samples: as for :func:`collate_padded`.
+        counter: the model's :class:`~aero_lightning.model.aero.AudioTokenCounter`.
+
+    Returns:
+        The packed batch dict (``attention_mask`` is absent: attention is per document).
+    """
+    input_ids = torch.cat([torch.tensor(s["input_ids"], dtype=torch.long) for s in samples])  # (L,)
+    labels = []
+    for s in samples:
+        lab = torch.tensor(s["labels"], dtype=torch.long)
+        lab[0] = IGNORE_INDEX  # the shift must never predict a document's first token from the previous one
+        labels.append(lab)
+    lengths = torch.tensor([len(s["input_ids"]) for s in samples], dtype=torch.long)  # (D,)
+    position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()])  # (L,)
+    common = _common(samples, counter)
+    return {
+        "input_ids": input_ids[None],  # (1, L)
+        "labels": torch.cat(labels)[None],  # (1, L)
+        "position_ids": position_ids[None],  # (1, L)
+        "cu_seqlens": _cu(lengths),  # (D+1,)
+        "max_seqlen": int(lengths.max()),
+        "encoder_cu_seqlens": _cu(encoder_frames_per_window(counter, common["window_lengths"])),  # (W+1,)
+    } | common
+
+
+def make_collate(mode: str, counter, pad_id: int) -> Callable[[Sequence[dict]], dict[str, Any]]:
+    """The collate function of a packing mode (``padded`` right-pads, ``packed`` concatenates).
+
+    Raises:
+        ValueError: for an unknown mode.
+    """
+    if mode == "packed":
+        return lambda samples: collate_packed(samples, counter)
+    if mode == "padded":
+        return lambda samples: collate_padded(samples, counter, pad_id)
+    raise ValueError(f"data.packing.mode must be one of {PACKING_MODES}, got {mode!r}")

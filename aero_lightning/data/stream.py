@@ -1,0 +1,436 @@
+"""Multi-corpus training stream: weighted mixture, token-budget batches, exact resume (design §4, §5).
+
+Each DataLoader worker of each rank runs one :class:`TrainStream` iterator, identified by a *logical id*
+(``rank * num_workers + worker``). Its data is a deterministic function of ``(seed, logical id)``:
+
+1. Every corpus is an infinite, resampled sequence of shards (:class:`CorpusStream`): shard ``k`` is drawn
+   uniformly from the corpus's shard list (split by rank x worker when there are enough shards) with a seeded
+   generator, and read front to back. Infinite streams with step-based training mean no rank can run dry
+   (finite per-rank shard lists hang DDP: webdataset issues 188 and 225).
+2. :class:`MixtureStream` picks the corpus of every sample with probabilities ``p_i ∝ w_i^(1/T)``.
+3. Samples are read in *blocks* of ``buffer_size``. For each sample only the JSON is parsed at this point: the
+   chat is tokenised and its LLM cost (audio tokens from ``duration_s`` + text tokens) is known before any audio is
+   decoded. Over-budget and malformed samples are skipped and counted.
+4. The block is planned into micro-batches (:mod:`aero_lightning.data.packing`), the batches are shuffled, and
+   each batch's audio is decoded just before it is emitted.
+
+Every emitted batch carries ``data_state``: where the block began (generator states, shard and offset per
+corpus), how many of its batches have been emitted, and the reject counts. Restoring a state re-reads only that
+block's samples (JSON + bytes, no audio decoding), re-plans it identically and skips the emitted batches, so a
+resumed run continues with exactly the batches an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import posixpath
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from aero_lightning.data.chat import encode_chat, reference_text
+from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.data.packing import PACKING_MODES, make_collate, plan_batches
+
+logger = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
+"""Audio member extensions accepted in shards, in order of preference."""
+
+
+class RejectCounter(Counter):
+    """Counts skipped inputs by reason and logs the first ones of each reason (then every power of ten)."""
+
+    def reject(self, reason: str, key: str, detail: str = "") -> None:
+        """Count one skipped input.
+
+        Args:
+            reason: short category, e.g. ``corrupt_audio``.
+            key: the sample key or shard url.
+            detail: human-readable cause.
+        """
+        self[reason] += 1
+        n = self[reason]
+        if n <= 10 or str(n).rstrip("0") == "1":  # the first ten, then 100, 1000, ...
+            logger.warning("skipping %s: %s %s (%s so far: %d)", key, reason, detail, reason, n)
+
+
+def iter_tar(url: str, rejects: RejectCounter) -> Iterator[dict]:
+    """Samples of one WebDataset tar shard, grouped by key, without decoding.
+
+    A shard that cannot be opened or is truncated ends early with the reason counted (``unreadable_shard`` /
+    ``truncated_tar``); the samples read before the damage are still yielded.
+
+    Args:
+        url: local path of the shard.
+        rejects: counter for skipped inputs.
+
+    Yields:
+        ``{"__key__": str, "__url__": url, <ext>: bytes, ...}`` per sample, in tar order.
+    """
+    current: dict | None = None
+    try:
+        with tarfile.open(url, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = posixpath.basename(member.name)
+                stem, _, ext = base.partition(".")
+                key = posixpath.join(posixpath.dirname(member.name), stem)
+                data = tar.extractfile(member).read()
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as err:
+        reason = "truncated_tar" if os.path.exists(url) else "unreadable_shard"
+        rejects.reject(reason, url, str(err))
+        current = None  # the sample being read when the shard broke may be incomplete: it is not yielded
+    if current is not None:
+        yield current
+
+
+class CorpusStream:
+    """Infinite resampled sequence of one corpus's raw samples.
+
+    Args:
+        name: corpus name.
+        urls: shard paths.
+        seed: seeds the shard draws.
+        rejects: shared reject counter.
+
+    Raises:
+        ValueError: if ``urls`` is empty.
+        RuntimeError: from :meth:`next` if ``2 * len(urls) + 8`` consecutive shard draws yield no sample (every
+            shard unreadable).
+    """
+
+    def __init__(self, name: str, urls: Sequence[str], seed: Sequence[int], rejects: RejectCounter):
+        if not urls:
+            raise ValueError(f"corpus {name!r} has no shards")
+        self.name = name
+        self.urls = list(urls)
+        self.rng = np.random.default_rng(np.random.SeedSequence(list(seed)))
+        self.rejects = rejects
+        self.url: str | None = None
+        self.offset = 0
+        self._it: Iterator[dict] | None = None
+
+    def state(self) -> dict:
+        """Generator state after the current shard's draw, the shard, and samples consumed from it."""
+        return {"rng": self.rng.bit_generator.state, "url": self.url, "offset": self.offset}
+
+    def load_state(self, state: Mapping) -> None:
+        """Continue exactly after the ``offset``-th sample of shard ``url`` (re-reads that shard's prefix)."""
+        self.rng.bit_generator.state = state["rng"]
+        self.url, self.offset, self._it = state["url"], 0, None
+        if self.url is not None:
+            # the prefix was read without error before the state was taken, so any error this iterator meets
+            # lies after it and has not been counted yet
+            self._it = iter_tar(self.url, self.rejects)
+            for _ in range(state["offset"]):
+                if next(self._it, None) is None:
+                    break
+                self.offset += 1
+
+    def next(self) -> dict:
+        """The next raw sample (tar members as bytes, plus ``__key__``, ``__url__`` and ``__corpus__``)."""
+        empty = 0
+        while True:
+            if self._it is None:
+                self.url = self.urls[int(self.rng.integers(len(self.urls)))]
+                self.offset = 0
+                self._it = iter_tar(self.url, self.rejects)
+            raw = next(self._it, None)
+            if raw is not None:
+                self.offset += 1
+                raw["__corpus__"] = self.name
+                return raw
+            if self.offset == 0:
+                empty += 1
+                if empty > 2 * len(self.urls) + 8:
+                    raise RuntimeError(f"corpus {self.name!r}: {empty} shard draws in a row gave no sample")
+            self._it = None
+
+
+def mixture_probs(weights: Mapping[str, float], temperature: float = 1.0) -> dict[str, float]:
+    """Sampling probability of each corpus, ``p_i = w_i^(1/T) / sum_j w_j^(1/T)``.
+
+    Temperature sampling as in Arivazhagan et al. 2019, "Massively Multilingual Neural Machine Translation in the
+    Wild" (arXiv:1907.05019, §4.2): ``T = 1`` follows the weights (e.g. hours), larger ``T`` flattens towards
+    uniform.
+
+    Args:
+        weights: ``{corpus: weight}``, weights > 0 (e.g. hours of audio).
+        temperature: ``T > 0``.
+
+    Returns:
+        ``{corpus: probability}`` summing to 1.
+
+    Raises:
+        ValueError: on an empty mapping, a non-positive weight or temperature.
+    """
+    if not weights:
+        raise ValueError("the training mixture has no corpora")
+    if temperature <= 0:
+        raise ValueError(f"data.temperature must be > 0, got {temperature}")
+    bad = {k: w for k, w in weights.items() if not w or w <= 0}
+    if bad:
+        raise ValueError(f"corpus weights must be > 0, got {bad}")
+    scaled = {k: float(w) ** (1.0 / temperature) for k, w in weights.items()}
+    total = sum(scaled.values())
+    return {k: v / total for k, v in scaled.items()}
+
+
+class MixtureStream:
+    """Draws each sample's corpus with :func:`mixture_probs` probabilities, then its next sample.
+
+    Args:
+        corpora: ``{name: shard urls}``.
+        probs: ``{name: probability}`` (same keys).
+        seed: entropy for the generators (e.g. ``[seed, logical_id]``).
+        rejects: shared reject counter.
+    """
+
+    def __init__(
+        self,
+        corpora: Mapping[str, Sequence[str]],
+        probs: Mapping[str, float],
+        seed: Sequence[int],
+        rejects: RejectCounter,
+    ):
+        self.names = list(corpora)
+        self.cum = np.cumsum([probs[n] for n in self.names])
+        self.cum[-1] = 1.0
+        self.rng = np.random.default_rng(np.random.SeedSequence([*seed, 0]))
+        self.streams = {
+            n: CorpusStream(n, corpora[n], [*seed, 1 + i], rejects) for i, n in enumerate(self.names)
+        }
+
+    def state(self) -> dict:
+        """Generator state of the mixture and of every corpus stream."""
+        return {
+            "rng": self.rng.bit_generator.state,
+            "corpora": {n: s.state() for n, s in self.streams.items()},
+        }
+
+    def load_state(self, state: Mapping) -> None:
+        """Restore :meth:`state`."""
+        self.rng.bit_generator.state = state["rng"]
+        for n, s in self.streams.items():
+            s.load_state(state["corpora"][n])
+
+    def next(self) -> dict:
+        """Next raw sample of a corpus drawn by weight."""
+        i = int(np.searchsorted(self.cum, self.rng.random(), side="right"))
+        return self.streams[self.names[min(i, len(self.names) - 1)]].next()
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class TrainStream(IterableDataset):
+    """Infinite stream of ready training batches from a weighted corpus mixture (module docstring).
+
+    Use with ``DataLoader(stream, batch_size=None, collate_fn=identity)``: batching happens here.
+
+    Args:
+        corpora: ``{name: shard urls}``.
+        probs: ``{name: sampling probability}``.
+        tokenizer: LLM tokenizer with chat template and audio tokens.
+        audio_token_counter: the model's :class:`~aero_lightning.model.aero.AudioTokenCounter`.
+        mode: ``padded`` or ``packed``.
+        packing_length: LLM tokens per micro-batch (audio + text; padded tokens count in ``padded`` mode).
+        buffer_size: samples planned together (a larger block packs tighter and costs host memory: the block's
+            encoded audio bytes are held).
+        seed: base seed.
+        max_duration_s: skip longer samples (seconds), or None.
+        end_of_turn_token: the chat template's end-of-turn token.
+        resume: ``{worker slot: data_state}`` handed out by the datamodule to restore exact positions.
+
+    Raises:
+        ValueError: on an unknown ``mode`` or ``packing_length < 1``.
+    """
+
+    def __init__(
+        self,
+        corpora: Mapping[str, Sequence[str]],
+        probs: Mapping[str, float],
+        tokenizer,
+        audio_token_counter,
+        mode: str = "packed",
+        packing_length: int = 4096,
+        buffer_size: int = 1000,
+        seed: int = 0,
+        max_duration_s: float | None = None,
+        end_of_turn_token: str = "<|im_end|>",
+        resume: Mapping[int, Mapping] | None = None,
+    ):
+        super().__init__()
+        if mode not in PACKING_MODES:
+            raise ValueError(f"data.packing.mode must be one of {PACKING_MODES}, got {mode!r}")
+        if packing_length < 1:
+            raise ValueError(f"data.packing.packing_length must be >= 1, got {packing_length}")
+        self.corpora = {k: list(v) for k, v in corpora.items()}
+        self.probs = dict(probs)
+        self.tokenizer = tokenizer
+        self.counter = audio_token_counter
+        self.mode = mode
+        self.packing_length = int(packing_length)
+        self.buffer_size = int(buffer_size)
+        self.seed = int(seed)
+        self.max_duration_s = max_duration_s
+        self.end_of_turn_token = end_of_turn_token
+        self.resume = dict(resume or {})
+
+    # ------------------------------------------------------------------ per-sample work
+    def _meta(self, raw: dict, rejects: RejectCounter) -> dict | None:
+        """Parse JSON, tokenise and cost one raw sample; None (counted) if it must be skipped."""
+        key = raw["__key__"]
+        audio_ext = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
+        if "json" not in raw or audio_ext is None:
+            rejects.reject("missing_member", key, f"has {sorted(k for k in raw if not k.startswith('__'))}")
+            return None
+        try:
+            meta = json.loads(raw["json"])
+            duration_s = float(meta["duration_s"])
+            messages = meta["messages"]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+            rejects.reject("bad_json", key, repr(err))
+            return None
+        if not messages or not reference_text(messages).strip():
+            rejects.reject("empty_text", key)
+            return None
+        num_samples = round(duration_s * SAMPLE_RATE_HZ)
+        if num_samples < 1:
+            rejects.reject("empty_audio", key, f"duration_s={duration_s}")
+            return None
+        if self.max_duration_s is not None and duration_s > self.max_duration_s:
+            rejects.reject("too_long", key, f"{duration_s:.1f} s > max_duration_s={self.max_duration_s}")
+            return None
+        try:
+            enc = encode_chat(self.tokenizer, messages, [self.counter(num_samples)], self.end_of_turn_token)
+        except (ValueError, KeyError, TypeError) as err:
+            rejects.reject("bad_messages", key, str(err))
+            return None
+        cost = len(enc.input_ids)
+        if cost > self.packing_length:
+            rejects.reject("over_budget", key, f"{cost} tokens > packing_length={self.packing_length}")
+            return None
+        return {
+            "key": key,
+            "corpus": raw["__corpus__"],
+            "messages": messages,
+            "input_ids": enc.input_ids,
+            "labels": enc.labels,
+            "num_samples": num_samples,
+            "audio": raw[audio_ext],
+            "cost": cost,
+        }
+
+    def _decode(self, item: dict, rejects: RejectCounter) -> dict | None:
+        """Decode one planned sample's audio; None (counted) if it is unusable."""
+        key = item["key"]
+        try:
+            waveform, sr = sf.read(io.BytesIO(item["audio"]), dtype="float32", always_2d=True)  # (T, C)
+        except Exception as err:  # noqa: BLE001 - libsndfile raises several types for corrupt audio
+            rejects.reject("corrupt_audio", key, str(err))
+            return None
+        if sr != SAMPLE_RATE_HZ:
+            rejects.reject("sample_rate", key, f"{sr} Hz; shards must hold {SAMPLE_RATE_HZ} Hz (re-prepare)")
+            return None
+        if waveform.shape[1] != 1:
+            rejects.reject("not_mono", key, f"{waveform.shape[1]} channels; shards must be mono (re-prepare)")
+            return None
+        if waveform.shape[0] == 0:
+            rejects.reject("empty_audio", key)
+            return None
+        if self.counter(waveform.shape[0]) != self.counter(item["num_samples"]):
+            rejects.reject(
+                "duration_mismatch", key, f"{waveform.shape[0]} samples, json says {item['num_samples']}"
+            )
+            return None
+        return {k: v for k, v in item.items() if k != "audio"} | {"waveform": waveform[:, 0]}
+
+    # ------------------------------------------------------------------ iteration
+    def _split(self, logical: int, total: int) -> dict[str, list[str]]:
+        out = {}
+        for name, urls in self.corpora.items():
+            out[name] = urls[logical::total] if len(urls) >= total else urls
+        return out
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        slot, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank, world = _dist_rank_world()
+        restored = self.resume.get(slot)
+        logical = int(restored["logical_id"]) if restored else rank * num_workers + slot
+        total = world * num_workers
+        small = [n for n, u in self.corpora.items() if len(u) < total]
+        if small and logical == 0:
+            logger.info(
+                "corpora %s have fewer shards than ranks x workers (%d): their workers share all shards and "
+                "differ by seed",
+                small,
+                total,
+            )
+        rejects = RejectCounter()
+        mixture = MixtureStream(self._split(logical, total), self.probs, [self.seed, logical], rejects)
+        collate = make_collate(self.mode, self.counter, pad_token_id(self.tokenizer))
+        block, skip = 0, 0
+        if restored and "block_start" in restored:
+            mixture.load_state(restored["block_start"])
+            rejects.update(restored["rejects_at_block_start"])
+            block, skip = int(restored["block"]), int(restored["emitted"])
+        while True:
+            block_start, rejects_at_start = mixture.state(), dict(rejects)
+            items = []
+            while len(items) < self.buffer_size:
+                item = self._meta(mixture.next(), rejects)
+                if item is not None:
+                    items.append(item)
+            batches = plan_batches([it["cost"] for it in items], self.packing_length, self.mode)
+            order = np.random.default_rng(np.random.SeedSequence([self.seed, logical, block, 7])).permutation(
+                len(batches)
+            )
+            if skip:
+                rejects.clear()
+                rejects.update(restored["rejects"])
+            for j in range(skip, len(batches)):
+                samples = [s for i in batches[order[j]] if (s := self._decode(items[i], rejects)) is not None]
+                if not samples:
+                    continue
+                batch = collate(samples)
+                batch["data_state"] = {
+                    "logical_id": logical,
+                    "slot": slot,
+                    "block": block,
+                    "emitted": j + 1,
+                    "block_start": block_start,
+                    "rejects_at_block_start": rejects_at_start,
+                    "rejects": dict(rejects),
+                }
+                yield batch
+            block, skip = block + 1, 0
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its end-of-sequence id when it has no pad token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def identity(batch):
+    """Collate function for a DataLoader over :class:`TrainStream` (batches are built in the stream)."""
+    return batch
