@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from aero_lightning.data.chat import AUDIO_SPECIAL_TOKENS, AUDIO_TOKEN, IGNORE_INDEX
 from aero_lightning.data.features import HOP_LENGTH, WINDOW_SAMPLES, LogMelSpectrogram
+from aero_lightning.model.attention import packed_attention_kwargs
 from aero_lightning.model.encoders import WhisperAudioEncoder
 from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector, Projector
 
@@ -201,6 +202,7 @@ class AeroModel(nn.Module):
         gradient_checkpointing: bool = False,
         end_of_turn_token: str = "<|im_end|>",
         ctc_weight: float = 0.0,
+        attn_implementation: str | None = None,
     ) -> AeroModel:
         """Load encoder and LLM with ``from_pretrained`` (hub id or local folder) and build a fresh projector.
 
@@ -210,6 +212,9 @@ class AeroModel(nn.Module):
                 ``name_or_path``).
             projector: a callable ``projector(encoder_dim=..., llm_dim=...)`` (a Hydra ``_partial_`` config).
             freeze, gradient_checkpointing, end_of_turn_token, ctc_weight: see the class.
+            attn_implementation: attention backend of both encoder and LLM (``varlen``, ``flash_attention_2``,
+                ``sdpa``, ``eager``; see :mod:`aero_lightning.model.attention`); None keeps each component's own
+                ``attn_implementation`` (default ``sdpa``).
 
         Raises:
             OSError: from transformers when a hub id or folder cannot be loaded.
@@ -217,10 +222,10 @@ class AeroModel(nn.Module):
         enc = WhisperAudioEncoder.from_pretrained(
             encoder["name_or_path"],
             padding_free=encoder.get("padding_free", True),
-            attn_implementation=encoder.get("attn_implementation", "sdpa"),
+            attn_implementation=attn_implementation or encoder.get("attn_implementation", "sdpa"),
             torch_dtype=encoder.get("torch_dtype"),
         )
-        llm_kwargs = {"attn_implementation": llm.get("attn_implementation", "sdpa")}
+        llm_kwargs = {"attn_implementation": attn_implementation or llm.get("attn_implementation", "sdpa")}
         if llm.get("torch_dtype") is not None:
             llm_kwargs["dtype"] = _dtype(llm["torch_dtype"])
         lm = AutoModelForCausalLM.from_pretrained(llm["name_or_path"], **llm_kwargs)
@@ -412,11 +417,13 @@ class AeroModel(nn.Module):
             whole global batch.
         """
         inputs_embeds, encoded = self._inputs_embeds_and_audio(input_ids, input_features, feature_lengths)
+        packed = packed_attention_kwargs(cu_seqlens) if cu_seqlens is not None else {}
         out = self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **packed,
         )
         logits = out.logits  # (B, L, V)
         if labels is None:

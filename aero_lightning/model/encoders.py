@@ -18,7 +18,10 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from aero_lightning.model.attention import PACKED_IMPLEMENTATIONS, packed_attention_kwargs
+
 logger = logging.getLogger(__name__)
+
 
 def whisper_output_lengths(frame_lengths: torch.Tensor | int) -> torch.Tensor | int:
     """Encoder output frames for ``frame_lengths`` log-mel frames.
@@ -99,6 +102,8 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
         output_lengths = whisper_output_lengths(feature_lengths)
+        if padding_free and self.config._attn_implementation in PACKED_IMPLEMENTATIONS:
+            return self._packed_layers(hidden_states, output_lengths), output_lengths
         attention_mask = None
         if padding_free and bool((output_lengths < seq_len).any()):
             key_valid = torch.arange(seq_len, device=x.device)[None, :] < output_lengths[:, None]  # (W, S)
@@ -117,6 +122,32 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
         if not padding_free:
             hidden_states = hidden_states[:, : int(math.ceil(num_frames / 2))]
         return hidden_states, output_lengths
+
+    def _packed_layers(self, hidden_states: torch.Tensor, output_lengths: torch.Tensor) -> torch.Tensor:
+        """Run the transformer layers on the valid frames of all windows as one packed row.
+
+        Args:
+            hidden_states: ``(W, S, D)`` conv-stem output plus positions; rows valid up to ``output_lengths``.
+            output_lengths: ``(W,)`` valid frames per window.
+
+        Returns:
+            ``(W, S, D)`` with the valid frames encoded (attention within each window only) and zeros elsewhere.
+        """
+        num_windows, seq_len, dim = hidden_states.shape
+        valid = (
+            torch.arange(seq_len, device=hidden_states.device)[None, :] < output_lengths[:, None]
+        )  # (W, S)
+        packed = hidden_states[valid][None]  # (1, sum(S_w), D): no padding frame enters a layer
+        cu_seqlens = nn.functional.pad(output_lengths.cumsum(0), (1, 0))  # (W+1,)
+        kwargs = packed_attention_kwargs(cu_seqlens, int(output_lengths.max()))
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            packed = layer(packed, None, **kwargs)
+        packed = self.layer_norm(packed)
+        out = packed.new_zeros(num_windows, seq_len, dim)
+        out[valid] = packed[0]
+        return out
 
 
 class WhisperAudioEncoder(nn.Module):
