@@ -79,9 +79,15 @@ def test_aero_full_states_whisper_large_v3_and_qwen2_5_1_5b(tmp_path):
     assert cfg.model.freeze == []  # full fine-tuning
 
 
-def test_aero_full_validates_on_librispeech_only(tmp_path):
+def test_aero_full_trains_on_the_registry_mixture_packed(tmp_path):
+    from aero_lightning.data.corpora import CORPORA
+
     cfg = _compose("aero_full", tmp_path)
     assert list(cfg.data.val_dirs) == ["librispeech_dev_clean", "librispeech_dev_other"]
+    assert set(cfg.data.train) == set(CORPORA) and len(cfg.data.train) >= 20
+    assert cfg.data.packing.mode == "packed" and cfg.data.packing.packing_length == 32768
+    for name, corpus in cfg.data.train.items():
+        assert corpus.dir == f"{cfg.paths.data_dir}/{name}/train"
 
 
 def test_demo_experiment_builds_the_model_from_config(tiny_dir, tmp_path):

@@ -120,3 +120,84 @@ def test_empty_data_folder_fails_before_training(demo_env, tmp_path):
     err = proc.stderr + proc.stdout
     assert "manifest.json" in err and "aero_lightning.data.synth" in err
     assert "Loading weights" not in err
+
+
+def _bad_corpus(folder: Path) -> Path:
+    """One shard holding two good samples and one of each kind of bad input."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import soundfile as sf
+
+    from aero_lightning.data.shards import asr_sample_json, build_manifest, write_manifest
+
+    def flac(seconds, sr=16000, channels=1):
+        wave = 0.1 * np.random.default_rng(0).standard_normal((round(seconds * sr), channels)).astype(
+            np.float32
+        )
+        buf = io.BytesIO()
+        sf.write(buf, wave, sr, format="FLAC")
+        return buf.getvalue()
+
+    def rec(seconds, text="a good sentence"):
+        return json.dumps(
+            asr_sample_json(corpus="broken", text=text, duration_s=seconds, source="t")
+        ).encode()
+
+    members = [
+        ("good1.flac", flac(1.0)), ("good1.json", rec(1.0)),
+        ("corrupt.flac", b"fLaC" + bytes(64)), ("corrupt.json", rec(1.0)),
+        ("rate.flac", flac(1.0, sr=8000)), ("rate.json", rec(1.0)),
+        ("stereo.flac", flac(1.0, channels=2)), ("stereo.json", rec(1.0)),
+        ("notext.flac", flac(1.0)), ("notext.json", rec(1.0, text=" ")),
+        ("badjson.flac", flac(1.0)), ("badjson.json", b"{oops"),
+        ("long.flac", flac(40.0)), ("long.json", rec(40.0)),
+        ("good2.flac", flac(1.5)), ("good2.json", rec(1.5)),
+    ]  # fmt: skip
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "broken-000000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shards = [{"name": "broken-000000.tar", "num_samples": 8, "duration_s": 46.5}]
+    write_manifest(
+        folder, build_manifest(corpus="broken", split="train", shards=shards, durations_s=[5.8] * 8)
+    )
+    return folder
+
+
+def test_bad_training_samples_are_skipped_counted_and_logged(demo_env, tmp_path):
+    """A mixture with a corpus full of bad input trains to the end; every reason is counted and logged."""
+    root, corpus, model = demo_env
+    broken = _bad_corpus(tmp_path / "broken")
+    out = tmp_path / "out"
+    proc = run_train(
+        *base_overrides(corpus, model, out),
+        f"+data.train.broken={{dir:{broken},weight:1.0}}",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        "trainer.limit_val_batches=1",
+        "callbacks.throughput.window=2",
+        "trainer.log_every_n_steps=2",
+        "run_test=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rejected = json.loads((out / "result.json").read_text())["data_rejected"]
+    assert set(rejected) == {
+        "corrupt_audio",
+        "sample_rate",
+        "not_mono",
+        "empty_text",
+        "bad_json",
+        "over_budget",
+    }
+    assert all(n >= 1 for n in rejected.values())
+    log = (out / "train.log").read_text()
+    assert "skipping corrupt: corrupt_audio" in log and "training samples skipped" in log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "data/rejected/bad_json" in events.Tags()["scalars"]

@@ -61,7 +61,9 @@ def train(cfg: DictConfig) -> dict:
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    result = {"output_dir": str(output_dir)}
+    result = {"output_dir": str(output_dir), "data_rejected": datamodule.rejected_counts()}
+    if result["data_rejected"]:
+        logger.warning("training samples skipped (this rank, by reason): %s", result["data_rejected"])
     ckpt_cb = trainer.checkpoint_callback
     if ckpt_cb is not None:
         result["best_checkpoint"] = ckpt_cb.best_model_path
