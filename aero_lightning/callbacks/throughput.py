@@ -1,8 +1,11 @@
-"""Training throughput: real LLM tokens per second, audio seconds per second, padding ratio, data-wait fraction.
+"""Training throughput and MFU: real tokens/s, audio seconds/s, model FLOP/s, padding ratio, data wait, memory.
 
 Only real tokens count (``attention_mask`` ones; every position of a packed row); padding is reported separately
-as ``padding_ratio`` = padded positions / all positions of the LLM input. Training samples the stream skipped are
-logged as ``data/rejected/<reason>`` (cumulative, this rank).
+as ``padding_ratio`` = padded positions / all positions of the LLM input. Model FLOPs per micro-batch follow
+design §7 (:mod:`aero_lightning.model.flops`: trainable vs frozen parts, per-document attention, real tokens
+only); ``perf/mfu`` = achieved model FLOP/s per device / the device's dense peak (bf16/fp16 table, or
+``peak_flops`` given explicitly), logged only when the peak is known (not on CPU). Training samples the stream
+skipped are logged as ``data/rejected/<reason>`` (cumulative, this rank).
 """
 
 from __future__ import annotations
@@ -13,29 +16,47 @@ import lightning as L
 import torch
 
 from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.model.flops import batch_lengths, count_params, mfu, peak_flops, step_flops
 
 
 class ThroughputMonitor(L.Callback):
-    """Log ``perf/tokens_per_s``, ``perf/audio_s_per_s``, ``perf/padding_ratio`` and ``perf/data_wait_frac``.
+    """Log ``perf/*`` rates over the last ``window`` training batches of wall time (batch fetch included).
 
-    Rates are measured over the last ``window`` optimizer steps of wall time (batch fetch included), per process.
+    Logged (per process): ``perf/tokens_per_s``, ``perf/audio_s_per_s``, ``perf/model_tflops_per_s``,
+    ``perf/mfu`` (when the peak is known), ``perf/padding_ratio``, ``perf/data_wait_frac``,
+    ``perf/peak_mem_gib`` (CUDA), and ``tok/s`` and ``mfu`` on the progress bar.
 
     Args:
-        window: steps per measurement.
+        window: training batches per measurement.
+        peak_flops: peak FLOP/s of one device; None looks the device name up in
+            :data:`aero_lightning.model.flops.PEAK_FLOPS_BF16` for bf16/fp16 precision.
     """
 
-    def __init__(self, window: int = 10):
+    def __init__(self, window: int = 10, peak_flops: float | None = None):
         self.window = window
-        self._reset()
+        self.peak_flops_override = peak_flops
         self._batch_end: float | None = None
+        self._params = None
+        self._peak: float | None = None
+        self._reset()
 
     def _reset(self) -> None:
         self._tokens = 0
         self._positions = 0
         self._audio_samples = 0
+        self._flops = 0
         self._wait_s = 0.0
         self._t0 = time.perf_counter()
         self._steps = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._params = count_params(pl_module.model)  # after freezing: trainable vs frozen is fixed from here
+        device = pl_module.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        self._peak = peak_flops(name, str(trainer.precision), override=self.peak_flops_override)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._reset()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -46,6 +67,9 @@ class ThroughputMonitor(L.Callback):
         self._tokens += int(mask.sum()) if mask is not None else positions
         self._positions += positions
         self._audio_samples += int(batch["window_lengths"].sum())
+        if self._params is not None:
+            windows, docs = batch_lengths(batch, pl_module.model.audio_token_counter())
+            self._flops += step_flops(self._params, windows, docs)["total"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._steps += 1
@@ -53,12 +77,16 @@ class ThroughputMonitor(L.Callback):
         if self._steps < self.window:
             return
         elapsed = max(self._batch_end - self._t0, 1e-9)
+        flops_per_s = self._flops / elapsed
         metrics = {
             "perf/tokens_per_s": self._tokens / elapsed,
             "perf/audio_s_per_s": self._audio_samples / SAMPLE_RATE_HZ / elapsed,
+            "perf/model_tflops_per_s": flops_per_s / 1e12,
             "perf/padding_ratio": 1.0 - self._tokens / max(self._positions, 1),
             "perf/data_wait_frac": self._wait_s / elapsed,
         }
+        if self._peak:
+            metrics["perf/mfu"] = mfu(flops_per_s, self._peak)
         if torch.cuda.is_available():
             metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         datamodule = getattr(trainer, "datamodule", None)
@@ -67,4 +95,6 @@ class ThroughputMonitor(L.Callback):
                 metrics[f"data/rejected/{reason}"] = float(count)
         pl_module.log_dict(metrics, prog_bar=False, rank_zero_only=True)
         pl_module.log("tok/s", metrics["perf/tokens_per_s"], prog_bar=True, rank_zero_only=True)
+        if "perf/mfu" in metrics:
+            pl_module.log("mfu", metrics["perf/mfu"], prog_bar=True, rank_zero_only=True)
         self._reset()
