@@ -162,6 +162,9 @@ class WhisperAudioEncoder(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.padding_free = padding_free
+        # Whisper's positional table is fixed sinusoids (WhisperEncoder.__init__ sets requires_grad False), but
+        # transformers 5.x from_pretrained hands it back trainable; keep it fixed as the model was trained.
+        encoder.embed_positions.requires_grad_(False)
 
     @classmethod
     def from_pretrained(

@@ -111,3 +111,15 @@ def test_bad_inputs_raise(tiny_dir, padding_free):
         encoder(torch.zeros(1, encoder.num_mel_bins + 48, 100), torch.tensor([100]))
     with pytest.raises(ValueError, match="3000"):
         encoder(torch.zeros(1, encoder.num_mel_bins, 3001), torch.tensor([3001]))
+
+
+def test_sinusoidal_positions_stay_fixed(tiny_dir):
+    """transformers' from_pretrained makes Whisper's positional table trainable; the adapter keeps it fixed."""
+    encoder = WhisperAudioEncoder.from_pretrained(str(tiny_dir / "encoder"))
+    table = encoder.encoder.embed_positions.weight
+    assert not table.requires_grad
+    feats = torch.randn(2, encoder.num_mel_bins, 100)
+    hidden, _ = encoder(feats, torch.tensor([100, 60]))
+    hidden.sum().backward()
+    assert table.grad is None
+    assert encoder.encoder.conv1.weight.grad is not None
