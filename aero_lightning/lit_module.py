@@ -96,10 +96,24 @@ class AeroLitModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Summed token loss normalised by the target tokens of the whole global batch.
+
+        With ``group_target_tokens`` in the batch (the training stream's :class:`AccumulationGroups`), the count of
+        the accumulation group is all-reduced over ranks at its first micro-batch, and the returned loss is
+        ``loss_sum * world_size * accumulate / global_tokens``: Lightning divides it by ``accumulate`` and DDP/FSDP
+        average gradients over ranks, so the step's gradient is ``sum of token-loss gradients / global_tokens``,
+        invariant to micro-batch size, accumulation and world size. Without it, the micro-batch's token mean.
+        """
         out = self._forward(batch)
         loss = out.loss
         bs = len(batch["keys"])  # documents (a packed batch is one row of several)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if batch.get("group_target_tokens") is not None:
+            if batch["group_index"] == 0:
+                local = torch.tensor(float(batch["group_target_tokens"]), device=self.device)
+                self._global_tokens = self.trainer.strategy.reduce(local, reduce_op="sum")
+            scale = self.trainer.world_size * self.trainer.accumulate_grad_batches
+            loss = out.loss_sum * scale / self._global_tokens.clamp_min(1.0)
         if out.ctc_loss is not None:
             self.log("train/ctc_loss", out.ctc_loss, prog_bar=True, batch_size=bs)
             loss = loss + self.model.ctc_weight * out.ctc_loss

@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +21,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from aero_lightning.data.chat import encode_chat, prompt_messages, reference_text
+from aero_lightning.data.chat import IGNORE_INDEX, encode_chat, prompt_messages, reference_text
 from aero_lightning.data.features import SAMPLE_RATE_HZ
 from aero_lightning.data.packing import collate_padded
 from aero_lightning.data.shards import decode_audio, read_manifest, shard_urls
@@ -172,6 +173,45 @@ class AsrCollator:
         )
 
 
+def target_tokens(batch: Mapping) -> int:
+    """Tokens that carry a loss in a batch: labels != -100 after the one-token shift (design §4)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class AccumulationGroups:
+    """Iterable over a training DataLoader that tags every micro-batch with its accumulation group's token count.
+
+    Consecutive ``accumulate`` micro-batches form one optimizer step. Each gets ``group_target_tokens`` (the local
+    target tokens of the whole group, known here because the group is read ahead before its first micro-batch is
+    trained) and ``group_index`` (0 for the first). :class:`~aero_lightning.lit_module.AeroLitModule` all-reduces
+    the count over ranks at ``group_index == 0`` and normalises every micro-batch's summed loss by the global
+    count, so the step's gradient is the mean over all target tokens of the global batch — the same whatever the
+    micro-batch size, accumulation and world size (NeMo PR 15648 and tiny-audio PR 63 fixed exactly this).
+
+    Args:
+        loader: the training DataLoader (infinite).
+        accumulate: ``trainer.accumulate_grad_batches``.
+    """
+
+    def __init__(self, loader: DataLoader, accumulate: int = 1):
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        self.loader = loader
+        self.accumulate = int(accumulate)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            group = list(islice(it, self.accumulate))
+            if not group:
+                return
+            total = sum(target_tokens(b) for b in group)
+            for i, batch in enumerate(group):
+                batch["group_target_tokens"] = total
+                batch["group_index"] = i
+            yield from group
+
+
 def _weight(folder: str, weight: float | None) -> float:
     if weight is not None:
         return float(weight)
@@ -274,7 +314,8 @@ class AeroDataModule(L.LightningDataModule):
             )
 
     # ------------------------------------------------------------------ loaders
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> AccumulationGroups:
+        """The training stream in accumulation groups (see :class:`AccumulationGroups`)."""
         self._require_model()
         workers = max(1, self.num_workers)
         resume = self._resume_assignment(workers)
@@ -292,7 +333,7 @@ class AeroDataModule(L.LightningDataModule):
             resume=resume,
         )
         self._reset_tracking(resume or {})
-        return DataLoader(
+        loader = DataLoader(
             stream,
             batch_size=None,
             num_workers=self.num_workers,
@@ -300,6 +341,8 @@ class AeroDataModule(L.LightningDataModule):
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
+        trainer = getattr(self, "trainer", None)
+        return AccumulationGroups(loader, trainer.accumulate_grad_batches if trainer is not None else 1)
 
     def _eval_loader(self, folder: str, for_generation: bool) -> DataLoader:
         self._require_model()
