@@ -29,6 +29,8 @@ legal advice.
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +47,157 @@ SOURCES: tuple[str, ...] = ("hf", "folder")
 
 COLUMN_FIELDS: tuple[str, ...] = ("audio", "text", "question", "id")
 """Our sample fields that :attr:`CorpusSpec.columns` may map to dataset columns (``answer`` is ``text``)."""
+
+
+TABLE_FORMATS: tuple[str, ...] = ("auto", "csv", "tsv", "json", "jsonl", "lines")
+"""Allowed values of :attr:`FolderTable.format` (``auto``: by the metadata file's suffix)."""
+
+
+def template_fields(template: str) -> set[str]:
+    """Column names a :meth:`str.format` template refers to, e.g. ``{"youtube_id"}`` for ``"Y{youtube_id}"``.
+
+    Args:
+        template: the template.
+
+    Returns:
+        The field names (attribute/index access and format specs stripped).
+
+    Raises:
+        ValueError: on a malformed template or a positional field (``"{}"``, ``"{0}"``).
+    """
+    names = set()
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        base = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if not base or base.isdigit():
+            raise ValueError(f"template {template!r} has a positional field; name the column")
+        names.add(base)
+    return names
+
+
+@dataclass(frozen=True)
+class FolderTable:
+    """A *table* folder layout: metadata file(s) listing the clips + audio files, read by one generic reader.
+
+    Each metadata row (CSV/TSV with or without a header, a JSON list, a JSON object of row objects, JSON
+    Lines, or text lines parsed with a regex) becomes one sample, or one per column of ``text`` when it names
+    several (multi-caption corpora; keys get ``_c1``, ``_c2``, ... suffixes). Templates are :meth:`str.format`
+    strings over the row's columns; an integer format spec (``"{start:06d}"``) converts numeric text. Audio
+    candidates are looked up in an index of the audio files (``.wav .flac .mp3 .ogg .opus .aif(f) .au``) below
+    the audio folders, by relative path, by file name, then by stem (the name without its audio extension),
+    so the extension of downloaded clips does not matter. A row whose audio is not found is rejected as
+    ``missing_audio``.
+
+    Attributes:
+        metadata: our split -> glob (relative to the source folder) of that split's metadata file(s); several
+            matches are read in sorted path order. With ``audio=()`` the glob matches the audio files
+            themselves and ``filename_regex`` turns each name into columns (labels encoded in file names).
+        audio: templates of the audio file name, stem or relative path, tried in order (first found wins);
+            ``()``: rows are audio files (see ``metadata``).
+        text: column(s) of the assistant's reply (transcript, caption, answer or label). Several columns: one
+            sample per column, in order, key suffix ``_c<i>`` (1-based).
+        question: column of the question (``aqa``) or instruction text (``instruct``).
+        key: template of the sample key; default: the file name of the first ``audio`` template without an
+            audio extension (the file stem with ``audio=()``). Characters outside ``[A-Za-z0-9_-]`` become
+            ``_``; a key seen before in the split gets ``_2``, ``_3``, ... (e.g. several questions per clip).
+        audio_dirs: our split -> glob of the folder(s) holding that split's audio; default: the whole source
+            folder. Needed where clip names repeat across splits (e.g. MELD).
+        format: metadata format, one of :data:`TABLE_FORMATS`; ``auto`` picks by suffix (``.csv``, ``.tsv``,
+            ``.json``, ``.jsonl``), else ``lines`` if ``line_regex`` is set.
+        fieldnames: column names of a header-less CSV/TSV; ``None``: the first row is the header.
+        comment: CSV/TSV lines starting with this prefix are skipped (e.g. AudioSet's ``#`` header lines).
+        json_field: key of the row list in a JSON object (e.g. WavCaps' ``"data"``); without it a JSON object
+            of objects gives one row per value with the object's key in column ``_key``.
+        line_regex: regex applied to every line of a ``lines`` file; its named groups are the columns, lines
+            that do not match are skipped.
+        filename_regex: with ``audio=()``: regex matched against each audio file's name; named groups are the
+            columns (plus ``_stem``), files that do not match are skipped.
+        split_filter: our split -> ``(column, allowed values)``; rows of that split's metadata whose stripped
+            value is not allowed are skipped (e.g. VGGSound's ``train``/``test`` column).
+        label_sep: split the text value at this separator into several labels (multi-label corpora); a
+            ``classify`` sample joins them with ``", "``.
+        label_map: raw label -> label text; ``None`` values mark labels that carry no usable class, rejected
+            as ``unlabelled`` (e.g. IEMOCAP ``xxx``). Unmapped labels are kept verbatim.
+        label_file: ``(glob, key column, name column)`` of a CSV mapping raw labels to names (e.g. AudioSet
+            machine ids to display names), applied before ``label_map``.
+        notes: where the layout is a best guess rather than verified against the release.
+    """
+
+    metadata: Mapping[str, str] = field(hash=False)
+    text: tuple[str, ...]
+    audio: tuple[str, ...] = ()
+    question: str | None = None
+    key: str | None = None
+    audio_dirs: Mapping[str, str] = field(default_factory=dict, hash=False)
+    format: str = "auto"
+    fieldnames: tuple[str, ...] | None = None
+    comment: str | None = None
+    json_field: str | None = None
+    line_regex: str | None = None
+    filename_regex: str | None = None
+    split_filter: Mapping[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict, hash=False)
+    label_sep: str | None = None
+    label_map: Mapping[str, str | None] = field(default_factory=dict, hash=False)
+    label_file: tuple[str, str, str] | None = None
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        """Validate the layout.
+
+        Raises:
+            ValueError: on no splits, a bad split name, no text column, ``audio=()`` without
+                ``filename_regex``, an unknown format, a ``lines`` format without ``line_regex``, a regex that
+                does not compile, a malformed template, or filters/audio folders of unknown splits.
+        """
+        problems = []
+        if not self.metadata:
+            problems.append("metadata must name at least one split")
+        bad_splits = [s for s in self.metadata if not s or not re.fullmatch(r"[A-Za-z0-9_-]+", s)]
+        if bad_splits:
+            problems.append(f"split names must match [A-Za-z0-9_-]+, got {bad_splits}")
+        if not self.text or not all(self.text):
+            problems.append("text must name at least one column")
+        if not self.audio and not self.filename_regex:
+            problems.append("audio=() (rows are audio files) needs filename_regex")
+        if self.format not in TABLE_FORMATS:
+            problems.append(f"format {self.format!r} not in {TABLE_FORMATS}")
+        if self.format == "lines" and not self.line_regex:
+            problems.append("format 'lines' needs line_regex")
+        for name in ("line_regex", "filename_regex"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    problems.append(f"{name} does not compile: {err}")
+        for template in (*self.audio, *([self.key] if self.key else [])):
+            try:
+                template_fields(template)
+            except ValueError as err:
+                problems.append(str(err))
+        for name in ("split_filter", "audio_dirs"):
+            unknown = sorted(set(getattr(self, name)) - set(self.metadata))
+            if unknown:
+                problems.append(f"{name} has splits {unknown} without metadata")
+        if problems:
+            raise ValueError("invalid folder table: " + "; ".join(problems))
+
+    def columns_used(self, split: str) -> set[str]:
+        """Columns every metadata row of ``split`` must have.
+
+        Args:
+            split: our split name.
+
+        Returns:
+            The text and question columns, the template fields and the split filter's column.
+        """
+        used = set(self.text) | ({self.question} if self.question else set())
+        for template in (*self.audio, *([self.key] if self.key else [])):
+            used |= template_fields(template)
+        if split in self.split_filter:
+            used.add(self.split_filter[split][0])
+        return used
 
 
 @dataclass(frozen=True)
@@ -64,6 +217,8 @@ class CorpusSpec:
         columns: our field (``audio``, ``text``, optional ``question``, ``id``) -> dataset column name.
             ``text`` is the assistant's reply: transcript, caption, answer or label.
         folder_layout: name of the official folder layout (``"librispeech"``, ...), or ``None``.
+        folder_table: how to read a *table* folder layout (metadata file(s) + audio files), or ``None`` for
+            layouts with a dedicated reader (LibriSpeech) or without one yet.
         license: SPDX identifier where one exists, else a ``LicenseRef-...`` or ``NOASSERTION`` string.
         hours: audio size in hours (published figure, see the module docstring), > 0.
         prompts: default user instructions; samples rotate through them by input index. ``aqa`` prompts
@@ -87,6 +242,7 @@ class CorpusSpec:
     hf_splits: Mapping[str, str] = field(default_factory=dict, hash=False)
     columns: Mapping[str, str] = field(default_factory=dict, hash=False)
     folder_layout: str | None = None
+    folder_table: FolderTable | None = field(default=None, hash=False)
     language: str = "en"
     hours_estimated: bool = False
     notes: str = ""
@@ -97,7 +253,8 @@ class CorpusSpec:
         Raises:
             ValueError: on an unknown task, domain or source kind, a source kind without its id/layout, an HF
                 entry without ``audio``/``text`` columns, an unknown column field, ``hours <= 0``, no prompts,
-                or prompts that do not fit the task.
+                prompts that do not fit the task, or a ``folder_table`` without layout name (or, for ``aqa``,
+                without question column).
         """
         problems = []
         if (
@@ -116,6 +273,11 @@ class CorpusSpec:
             problems.append("source 'hf' needs hf_id")
         if self.source == "folder" and not self.folder_layout:
             problems.append("source 'folder' needs folder_layout")
+        if self.folder_table is not None:
+            if not self.folder_layout:
+                problems.append("folder_table needs folder_layout")
+            if self.task == "aqa" and not self.folder_table.question:
+                problems.append("an aqa folder_table needs a question column")
         if self.hf_id and not {"audio", "text"} <= set(self.columns):
             problems.append(f"an HF entry needs 'audio' and 'text' columns, got {dict(self.columns)}")
         unknown = sorted(set(self.columns) - set(COLUMN_FIELDS))
@@ -147,6 +309,29 @@ _SOUND_EVENT_PROMPTS = ("Which sound events can be heard in this audio? Answer w
 _EMOTION_PROMPTS = ("What emotion does the speaker express? Answer with one word.",)
 _ASR = (DEFAULT_ASR_PROMPT,)
 _STD_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
+
+# IEMOCAP's categorical codes (EmoEvaluation summary lines); "xxx" (no majority) and "oth" carry no class.
+_IEMOCAP_LABELS: dict[str, str | None] = {
+    "neu": "neutral",
+    "hap": "happy",
+    "exc": "excited",
+    "sad": "sad",
+    "ang": "angry",
+    "fru": "frustrated",
+    "fea": "fearful",
+    "sur": "surprised",
+    "dis": "disgusted",
+    "oth": None,
+    "xxx": None,
+}
+_CREMA_D_LABELS = {
+    "ANG": "angry",
+    "DIS": "disgusted",
+    "FEA": "fearful",
+    "HAP": "happy",
+    "NEU": "neutral",
+    "SAD": "sad",
+}
 
 _ENTRIES: tuple[CorpusSpec, ...] = (
     # ------------------------------------------------------------------------------------------ ASR
@@ -292,6 +477,18 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         hf_splits={"train": "train", "validation": "dev", "test": "test"},
         columns={"audio": "audio", "text": "transcript"},
         folder_layout="mls",
+        folder_table=FolderTable(  # mls_english/<split>/{transcripts.txt: "<id>\t<text>", audio/**/<id>.flac}
+            metadata={
+                "train": "train/transcripts.txt",
+                "validation": "dev/transcripts.txt",
+                "test": "test/transcripts.txt",
+            },
+            line_regex=r"^(?P<id>[^\t]+)\t(?P<text>.*)$",
+            audio=("{id}",),
+            audio_dirs={"train": "train/audio", "validation": "dev/audio", "test": "test/audio"},
+            text=("text",),
+            key="{id}",
+        ),
         license="CC-BY-4.0",
         hours=44500.0,
         prompts=_ASR,
@@ -306,6 +503,14 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="sound",
         source="folder",
         folder_layout="audiocaps",
+        folder_table=FolderTable(  # github.com/cdjkim/audiocaps dataset/{train,val,test}.csv
+            metadata={"train": "train.csv", "validation": "val.csv", "test": "test.csv"},
+            audio=("{youtube_id}", "Y{youtube_id}", "{youtube_id}_{start_time:d}", "{audiocap_id}"),
+            text=("caption",),
+            key="{audiocap_id}",
+            notes="Audio is downloaded by the user; clips named by YouTube id (optionally 'Y' + id or "
+            "'<id>_<start>') or by audiocap_id, any audio extension, anywhere below the folder.",
+        ),
         license="MIT",
         hours=142.0,
         hours_estimated=True,
@@ -320,6 +525,15 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="sound",
         source="folder",
         folder_layout="clotho",
+        folder_table=FolderTable(  # Clotho v2.1 (Zenodo): clotho_captions_<split>.csv + <split>/<file_name>
+            metadata={
+                "train": "clotho_captions_development.csv",
+                "validation": "clotho_captions_validation.csv",
+                "test": "clotho_captions_evaluation.csv",
+            },
+            audio=("{file_name}",),
+            text=tuple(f"caption_{i}" for i in range(1, 6)),
+        ),
         license="LicenseRef-Tampere-University",
         hours=44.0,
         hours_estimated=True,
@@ -335,6 +549,15 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="sound",
         source="folder",
         folder_layout="wavcaps",
+        folder_table=FolderTable(  # cvssp/WavCaps: json_files/<source>/<x>_final.json + unzipped Zip_files/
+            metadata={"train": "json_files/*/*_final.json"},
+            json_field="data",
+            audio=("{id}",),
+            text=("caption",),
+            notes="Ids are only unique within one source (AudioSet_SL, BBC, FreeSound, SoundBible); the four "
+            "sources' clips are looked up by id across the whole folder. json_files/blacklist/ (clips "
+            "overlapping AudioCaps/Clotho evaluation sets) is not applied.",
+        ),
         license="LicenseRef-WavCaps-Academic",
         hours=7568.0,
         prompts=_CAPTION_PROMPTS,
@@ -349,6 +572,20 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="music",
         source="folder",
         folder_layout="musiccaps",
+        folder_table=FolderTable(  # google/MusicCaps musiccaps-public.csv; eval subset = is_audioset_eval
+            metadata={
+                "train": "musiccaps-public.csv",
+                "test": "musiccaps-public.csv",
+                "all": "musiccaps-public.csv",
+            },
+            split_filter={
+                "train": ("is_audioset_eval", ("False", "false", "0")),
+                "test": ("is_audioset_eval", ("True", "true", "1")),
+            },
+            audio=("{ytid}", "Y{ytid}", "{ytid}_{start_s:d}", "[{ytid}]-[{start_s}-{end_s}]"),
+            text=("caption",),
+            key="{ytid}",
+        ),
         license="CC-BY-SA-4.0",
         hours=15.3,
         prompts=_MUSIC_CAPTION_PROMPTS,
@@ -364,6 +601,17 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="sound",
         source="folder",
         folder_layout="clotho_aqa",
+        folder_table=FolderTable(  # Zenodo 6473207: clotho_aqa_{train,val,test}.csv + audio_files/
+            metadata={
+                "train": "clotho_aqa_train.csv",
+                "validation": "clotho_aqa_val.csv",
+                "test": "clotho_aqa_test.csv",
+            },
+            audio=("{file_name}",),
+            text=("answer",),
+            question="QuestionText",
+            notes="Each question has three annotators' answers (three rows): one sample per row.",
+        ),
         license="NOASSERTION",
         hours=12.4,
         hours_estimated=True,
@@ -378,6 +626,15 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="sound",
         source="folder",
         folder_layout="openaqa",
+        folder_table=FolderTable(  # LTU openaqa_5.6M.json: [{"instruction", "audio_id", "output", ...}]
+            metadata={"train": "openaqa_5.6M.json"},
+            audio=("{audio_id}",),
+            text=("output",),
+            question="instruction",
+            notes="audio_id is a path on the authors' cluster; clips are looked up by file name / stem below "
+            "the folder, so gather the source corpora's audio there. Fields as in LTU's data scripts; the "
+            "'input' field is ignored. The 2.3 GB JSON is loaded whole.",
+        ),
         license="NOASSERTION",
         hours=2350.0,
         hours_estimated=True,
@@ -394,6 +651,21 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="sound",
         source="folder",
         folder_layout="audioset",
+        folder_table=FolderTable(  # *_segments.csv: 3 '#' lines, then YTID, start, end, "mid,mid,..."
+            metadata={
+                "train": "*train_segments.csv",
+                "balanced_train": "balanced_train_segments.csv",
+                "unbalanced_train": "unbalanced_train_segments.csv",
+                "test": "eval_segments.csv",
+            },
+            fieldnames=("YTID", "start_seconds", "end_seconds", "positive_labels"),
+            comment="#",
+            audio=("Y{YTID}", "{YTID}", "{YTID}_{start_seconds:d}", "{YTID}_{start_seconds:06d}"),
+            text=("positive_labels",),
+            key="{YTID}",
+            label_sep=",",
+            label_file=("class_labels_indices.csv", "mid", "display_name"),
+        ),
         license="CC-BY-4.0",
         hours=5800.0,
         prompts=_SOUND_EVENT_PROMPTS,
@@ -407,6 +679,16 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="sound",
         source="folder",
         folder_layout="vggsound",
+        folder_table=FolderTable(  # vggsound.csv, no header: youtube_id, start_seconds, label, train/test
+            metadata={"train": "vggsound.csv", "test": "vggsound.csv"},
+            fieldnames=("youtube_id", "start_seconds", "label", "split"),
+            comment="#",
+            split_filter={"train": ("split", ("train",)), "test": ("split", ("test",))},
+            audio=("{youtube_id}_{start_seconds:06d}", "{youtube_id}_{start_seconds:d}", "{youtube_id}"),
+            text=("label",),
+            key="{youtube_id}_{start_seconds:06d}",
+            notes="The release is video: extract the audio next to the clips (e.g. <id>_<start:06d>.wav).",
+        ),
         license="CC-BY-4.0",
         hours=550.0,
         prompts=("What is the source of the sound in this clip? Answer with one label.",),
@@ -423,6 +705,12 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         hf_splits={"train": "train"},
         columns={"audio": "audio", "text": "category", "id": "filename"},
         folder_layout="esc50",
+        folder_table=FolderTable(  # github.com/karolpiczak/ESC-50: meta/esc50.csv + audio/<filename>
+            metadata={"train": "meta/esc50.csv", **{f"fold{i}": "meta/esc50.csv" for i in range(1, 6)}},
+            split_filter={f"fold{i}": ("fold", (str(i),)) for i in range(1, 6)},
+            audio=("{filename}",),
+            text=("category",),
+        ),
         license="CC-BY-NC-3.0",
         hours=2.8,
         prompts=("What is the sound in this clip? Answer with one label.",),
@@ -436,6 +724,18 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="sound",
         source="folder",
         folder_layout="fsd50k",
+        folder_table=FolderTable(  # FSD50K.ground_truth/{dev,eval}.csv: fname,labels,mids[,split]
+            metadata={
+                "train": "FSD50K.ground_truth/dev.csv",
+                "validation": "FSD50K.ground_truth/dev.csv",
+                "test": "FSD50K.ground_truth/eval.csv",
+            },
+            split_filter={"train": ("split", ("train",)), "validation": ("split", ("val",))},
+            audio=("{fname}",),
+            text=("labels",),
+            key="{fname}",
+            label_sep=",",
+        ),
         license="CC-BY-4.0",
         hours=108.3,
         prompts=_SOUND_EVENT_PROMPTS,
@@ -467,6 +767,17 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="music",
         source="folder",
         folder_layout="nsynth",
+        folder_table=FolderTable(  # nsynth-<split>/examples.json ({note_str: {...}}) + nsynth-<split>/audio/
+            metadata={
+                "train": "nsynth-train/examples.json",
+                "validation": "nsynth-valid/examples.json",
+                "test": "nsynth-test/examples.json",
+            },
+            audio=("{note_str}",),
+            audio_dirs={"train": "nsynth-train", "validation": "nsynth-valid", "test": "nsynth-test"},
+            text=("instrument_family_str",),
+            key="{note_str}",
+        ),
         license="CC-BY-4.0",
         hours=340.0,
         prompts=("Which instrument family plays this note? Answer with one word.",),
@@ -481,6 +792,24 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="speech",
         source="folder",
         folder_layout="iemocap",
+        folder_table=FolderTable(  # IEMOCAP_full_release/SessionN/dialog/EmoEvaluation/<dialog>.txt
+            metadata={
+                "train": "Session*/dialog/EmoEvaluation/*.txt",
+                **{f"session{i}": f"Session{i}/dialog/EmoEvaluation/*.txt" for i in range(1, 6)},
+            },
+            line_regex=r"^\[(?P<start>[\d.]+) - (?P<end>[\d.]+)\]\t(?P<utterance>\S+)\t(?P<emotion>\w+)\t",
+            audio=("{utterance}",),
+            audio_dirs={
+                "train": "Session*/sentences/wav",
+                **{f"session{i}": f"Session{i}/sentences/wav" for i in range(1, 6)},
+            },
+            text=("emotion",),
+            key="{utterance}",
+            label_map=_IEMOCAP_LABELS,
+            notes="Summary-line format '[start - end]\\t<utterance>\\t<code>\\t[V, A, D]' from memory of the "
+            "release; 'xxx' (no majority) and 'oth' are rejected as unlabelled. session<N> splits allow "
+            "leave-one-session-out evaluation.",
+        ),
         license="LicenseRef-IEMOCAP-Release-Agreement",
         hours=12.0,
         prompts=_EMOTION_PROMPTS,
@@ -493,6 +822,23 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="speech",
         source="folder",
         folder_layout="meld",
+        folder_table=FolderTable(  # MELD.Raw: <split>_sent_emo.csv + per-split folders of dia<D>_utt<U>.mp4
+            metadata={
+                "train": "**/train_sent_emo.csv",
+                "validation": "**/dev_sent_emo.csv",
+                "test": "**/test_sent_emo.csv",
+            },
+            audio=("dia{Dialogue_ID}_utt{Utterance_ID}",),
+            audio_dirs={
+                "train": "**/train_splits",
+                "validation": "**/dev_splits_complete",
+                "test": "**/output_repeated_splits_test",
+            },
+            text=("Emotion",),
+            key="dia{Dialogue_ID}_utt{Utterance_ID}",
+            notes="Ids restart per split, hence per-split audio folders (names as in MELD.Raw's tarballs, "
+            "from memory). The clips are mp4: extract audio next to them (dia0_utt0.mp4 -> dia0_utt0.wav).",
+        ),
         license="GPL-3.0-only",
         hours=12.0,
         hours_estimated=True,
@@ -507,6 +853,12 @@ _ENTRIES: tuple[CorpusSpec, ...] = (
         domain="speech",
         source="folder",
         folder_layout="crema_d",
+        folder_table=FolderTable(  # AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav, no metadata file
+            metadata={"train": "**/*.wav"},
+            filename_regex=r"^(?P<actor>\d+)_(?P<sentence>[A-Z]+)_(?P<emotion>[A-Z]{3})_(?P<level>\w+)\.wav$",
+            text=("emotion",),
+            label_map=_CREMA_D_LABELS,
+        ),
         license="ODbL-1.0",
         hours=5.3,
         hours_estimated=True,

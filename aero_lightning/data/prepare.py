@@ -4,14 +4,18 @@ CLI (``key=value`` arguments, any order)::
 
     python -m aero_lightning.data.prepare corpus=NAME out=DIR [source=PATH_OR_HF_ID] [split=train]
         [shard_size=1000] [workers=N] [limit=N] [prompt=TEXT] [max_duration_s=SECONDS]
-        [hf_split=EXPR] [hf_config=NAME] [revision=REV]
+        [hf_split=EXPR] [hf_config=NAME] [revision=REV] [metadata=GLOB]
         [audio_column=COL] [text_column=COL] [answer_column=COL] [question_column=COL] [id_column=COL]
         [progress=true|false]
 
 ``corpus`` is a name from :mod:`aero_lightning.data.corpora`. ``source`` is one of
 
-- a folder in the corpus's official layout (the registry's ``folder_layout``; implemented: see
-  :data:`FOLDER_READERS`), e.g. ``LibriSpeech/train-clean-100`` or ``LibriSpeech`` for all its subsets;
+- a folder in the corpus's official layout (the registry's ``folder_layout``): LibriSpeech (see
+  :data:`FOLDER_READERS`), e.g. ``LibriSpeech/train-clean-100`` or ``LibriSpeech`` for all its subsets, or a
+  *table* layout (the registry's ``folder_table``: metadata CSV/JSON + audio files, e.g. the AudioCaps folder
+  holding ``train.csv`` and the downloaded clips), read by :func:`read_table_folder` for ``split``;
+  ``metadata=GLOB`` replaces the registry's metadata file of that split and the column overrides replace
+  its columns;
 - a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose split is
   ``hf_split``, else ``split``, else the registry's mapping of ``split``);
 - an HF hub dataset id (default: the registry's ``hf_id``), loaded with
@@ -42,6 +46,8 @@ Bad inputs never stop the run; each is skipped and listed in the manifest with o
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,7 +68,7 @@ import numpy as np
 import soxr
 from tqdm.auto import tqdm
 
-from aero_lightning.data.corpora import COLUMN_FIELDS, CorpusSpec, get_corpus
+from aero_lightning.data.corpora import COLUMN_FIELDS, CORPORA, CorpusSpec, FolderTable, get_corpus
 from aero_lightning.data.shards import (
     MANIFEST_NAME,
     SAMPLE_RATE_HZ,
@@ -84,10 +90,11 @@ RESAMPLE_QUALITY = "HQ"
 """soxr quality recipe used to resample to 16 kHz."""
 
 REJECT_REASONS: dict[str, str] = {
-    "missing_audio": "a transcript line without an audio file",
+    "missing_audio": "a transcript line or metadata row whose audio file is not in the folder",
     "missing_transcript": "an audio file without a transcript line, or a null text value",
     "empty_text": "the transcript / caption / answer / label is empty after stripping whitespace",
     "empty_question": "an aqa sample without a question",
+    "unlabelled": "the corpus gives the clip no usable label (e.g. IEMOCAP 'xxx': annotators disagreed)",
     "unreadable_row": "the dataset row could not be read",
     "unreadable_audio": "the audio could not be read or decoded",
     "empty_audio": "the audio has no samples",
@@ -115,12 +122,18 @@ class FolderInput:
         audio_path: absolute path of the audio file, ``None`` if the transcript has no audio.
         text: transcript, ``None`` if the audio has no transcript line.
         source: provenance, the audio (or transcript) path relative to the source root.
+        question: question (``aqa``) or instruction text (``instruct``), ``None`` if none.
+        reject: rejection reason decided while reading (one of :data:`REJECT_REASONS`), else ``None``.
+        detail: human-readable message of ``reject``.
     """
 
     key: str
     audio_path: str | None
     text: str | None
     source: str
+    question: str | None = None
+    reject: str | None = None
+    detail: str = ""
 
 
 def read_librispeech_folder(root: str | os.PathLike) -> list[FolderInput]:
@@ -178,22 +191,411 @@ def read_librispeech_folder(root: str | os.PathLike) -> list[FolderInput]:
 
 
 FOLDER_READERS: dict[str, Callable[[Path], list[FolderInput]]] = {"librispeech": read_librispeech_folder}
-"""Implemented official folder layouts: registry ``folder_layout`` -> reader returning ordered inputs."""
+"""Folder layouts with a dedicated reader: registry ``folder_layout`` -> reader returning ordered inputs.
+
+Layouts described by a registry ``folder_table`` are read by :func:`read_table_folder` instead."""
+
+UNSUPPORTED_LAYOUTS: dict[str, str] = {
+    "tedlium": "TED-LIUM 3's layout is whole-talk SPH audio + STM lines '<talk> 1 <speaker> <start> <end> "
+    "<label> <text>'; cutting segments out of talks is not implemented",
+    "instructs2s": "InstructS2S-200K is multi-turn dialogues (tarball parts en_part_*) whose speech layout "
+    "we could not verify; a table layout needs one row per (audio file, instruction, response)",
+}
+"""Registry layouts without a reader, with the reason, used in the :class:`NotImplementedError` message."""
+
+AUDIO_EXTENSIONS: tuple[str, ...] = (".flac", ".wav", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".au")
+"""Files indexed as audio by :func:`read_table_folder` (lower-cased suffix; anything libsndfile decodes)."""
+
+_TABLE_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl"}
 
 
-def read_folder(spec: CorpusSpec, root: str | os.PathLike) -> list[FolderInput]:
-    """Inputs of ``root`` read with the reader of ``spec.folder_layout``.
+class _Cell(str):
+    """A metadata value in a template: numeric format specs (``"{start:06d}"``, ``"{t:.3f}"``) convert it."""
+
+    def __format__(self, spec: str) -> str:
+        if spec and spec[-1] in "bdoxX":
+            return format(int(float(self)), spec)  # ValueError for non-numeric text: the template fails
+        if spec and spec[-1] in "eEfFgG%":
+            return format(float(self), spec)
+        return super().__format__(spec)
+
+
+def _fill(template: str, cells: Mapping[str, str]) -> str | None:
+    """``template`` formatted with a row's cells, ``None`` if a column is missing or a value does not fit."""
+    try:
+        return template.format_map(cells)
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
+        return None
+
+
+def _cells(row: Mapping[str, Any]) -> dict[str, str]:
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, (list, dict)):
+            return json.dumps(value, ensure_ascii=False)
+        return str(value)
+
+    return {str(k): _Cell(cell(v)) for k, v in row.items()}
+
+
+def _strip_audio_ext(name: str) -> str:
+    stem, ext = os.path.splitext(name)
+    return stem if ext.lower() in AUDIO_EXTENSIONS else name
+
+
+class _AudioIndex:
+    """File name and stem -> path of the audio files below some folders; the first in sorted walk order wins.
+
+    Symlinked folders are followed (each real folder once).
+    """
+
+    def __init__(self, dirs: Sequence[Path]) -> None:
+        self.dirs = list(dirs)
+        self.lookup: dict[str, Path] = {}
+        self.num_files = 0
+        self.num_ambiguous = 0
+        self.first_ambiguous = ""
+        visited: set[str] = set()
+        for top in self.dirs:
+            for folder, subdirs, files in os.walk(top, followlinks=True):
+                real = os.path.realpath(folder)
+                if real in visited:
+                    subdirs[:] = []
+                    continue
+                visited.add(real)
+                subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+                for name in sorted(files):
+                    stem, ext = os.path.splitext(name)
+                    if name.startswith(".") or ext.lower() not in AUDIO_EXTENSIONS:
+                        continue
+                    path = Path(folder, name)
+                    self.num_files += 1
+                    if stem in self.lookup:
+                        self.num_ambiguous += 1
+                        self.first_ambiguous = self.first_ambiguous or f"{self.lookup[stem]} / {path}"
+                    for entry in (name, stem):
+                        self.lookup.setdefault(entry, path)
+
+    def find(self, candidate: str) -> Path | None:
+        """The audio file ``candidate`` names: a path relative to an audio folder, a file name or a stem."""
+        candidate = candidate.strip().replace("\\", "/")
+        if not candidate:
+            return None
+        if "/" in candidate and not candidate.startswith("/"):
+            for top in self.dirs:
+                path = top / candidate
+                if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file():
+                    return path
+        name = candidate.rsplit("/", 1)[-1]
+        return self.lookup.get(name) or self.lookup.get(_strip_audio_ext(name))
+
+
+def _table_format(table: FolderTable, path: Path) -> str:
+    if table.format != "auto":
+        return table.format
+    fmt = _TABLE_SUFFIX_FORMATS.get(path.suffix.lower()) or ("lines" if table.line_regex else None)
+    if fmt is None:
+        raise ValueError(f"{path}: cannot tell the metadata format from its suffix; the layout needs format=")
+    return fmt
+
+
+def _read_table_rows(table: FolderTable, path: Path) -> list[dict[str, Any]]:
+    """Rows of one metadata file; a row that cannot be parsed is ``{"_error": message}`` (JSON Lines only).
+
+    Raises:
+        ValueError: if the file is not in the layout's format (bad JSON, no row list).
+    """
+    fmt = _table_format(table, path)
+    rows: list[dict[str, Any]] = []
+    if fmt in ("csv", "tsv"):
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
+            lines = (line for line in f if not (table.comment and line.lstrip().startswith(table.comment)))
+            reader = csv.DictReader(
+                lines,
+                fieldnames=list(table.fieldnames) if table.fieldnames else None,
+                delimiter="\t" if fmt == "tsv" else ",",
+                skipinitialspace=True,
+            )
+            if reader.fieldnames:
+                reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            for row in reader:
+                rows.append(
+                    {k: v.strip() if isinstance(v, str) else v for k, v in row.items() if k is not None}
+                )
+        return rows
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    if fmt == "lines":
+        pattern = re.compile(str(table.line_regex))
+        return [m.groupdict() for m in map(pattern.match, text.splitlines()) if m is not None]
+    if fmt == "jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                row = {"_error": f"line {number}: {err}"}
+            rows.append(row if isinstance(row, dict) else {"_error": f"line {number}: not a JSON object"})
+        return rows
+    data = json.loads(text)  # ValueError on bad JSON
+    if isinstance(data, dict):
+        if table.json_field is not None:
+            data = data.get(table.json_field)
+        elif data and all(isinstance(v, dict) for v in data.values()):
+            data = [{"_key": k, **v} for k, v in data.items()]
+    if not isinstance(data, list):
+        where = f"a list under {table.json_field!r}" if table.json_field else "a list or an object of objects"
+        raise ValueError(f"{path}: expected {where}")
+    return [row if isinstance(row, dict) else {"_error": "not a JSON object"} for row in data]
+
+
+def _table_label_names(table: FolderTable, root: Path) -> dict[str, str]:
+    if table.label_file is None:
+        return {}
+    pattern, key_col, name_col = table.label_file
+    paths = sorted(p for p in root.glob(pattern) if p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"{root} has no label file matching {pattern!r} ({key_col} -> {name_col})")
+    names: dict[str, str] = {}
+    for path in paths:
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
+            for row in csv.DictReader(f, skipinitialspace=True):
+                if row.get(key_col) and row.get(name_col):
+                    names.setdefault(row[key_col].strip(), row[name_col].strip())
+    return names
+
+
+def _table_text(
+    table: FolderTable, raw: Any, task: str, names: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """``(text, None)`` of a text cell, or ``(None, reason detail)`` if its labels are all unusable."""
+    if not (table.label_sep or table.label_map or names):
+        return _as_text(raw, None, task), None
+    if raw is None:
+        return None, None
+    parts = []
+    for value in raw if isinstance(raw, (list, tuple)) else [raw]:
+        pieces = str(value).split(table.label_sep) if table.label_sep else [str(value)]
+        parts.extend(p.strip() for p in pieces if p.strip())
+    if not parts:
+        return "", None
+    labels = []
+    for part in parts:
+        label = names.get(part, part)
+        label = table.label_map[label] if label in table.label_map else label
+        if label is not None:
+            labels.append(label)
+    if not labels:
+        return None, f"label {', '.join(parts)!r} has no usable class"
+    return (", ".join(dict.fromkeys(labels)) if task == "classify" else labels[0]), None
+
+
+def describe_table(table: FolderTable, split: str) -> str:
+    """One-line description of a table layout's ``split`` for error messages.
+
+    Args:
+        table: the layout.
+        split: our split name.
+
+    Returns:
+        E.g. ``"metadata 'train.csv' with columns [...] + audio '{youtube_id}' below the folder"``.
+    """
+    meta = table.metadata.get(split, "?")
+    if not table.audio:
+        return f"audio files {meta!r} named like {table.filename_regex!r}"
+    where = repr(table.audio_dirs[split]) if split in table.audio_dirs else "the folder"
+    audio = " or ".join(repr(t) for t in table.audio)
+    return f"metadata {meta!r} with columns {sorted(table.columns_used(split))} + audio {audio} below {where}"
+
+
+def read_table_folder(
+    table: FolderTable,
+    root: str | os.PathLike,
+    split: str = "train",
+    *,
+    task: str = "caption",
+    name: str = "",
+) -> list[FolderInput]:
+    """Inputs of ``split`` of a folder in a *table* layout (a registry ``FolderTable``).
+
+    Args:
+        table: the layout.
+        root: the folder.
+        split: our split name, a key of ``table.metadata``.
+        task: the corpus task (a ``classify`` sample joins several labels with ``", "``).
+        name: corpus name, for messages.
+
+    Returns:
+        One :class:`FolderInput` per metadata row (per text column of it), sorted by key. Rows whose audio is
+        not found carry ``reject="missing_audio"``, rows without a usable label ``reject="unlabelled"``, JSON
+        Lines that do not parse ``reject="unreadable_row"``.
+
+    Raises:
+        ValueError: if ``split`` is not in the layout, or a metadata file lacks the layout's columns or is not
+            in its format.
+        FileNotFoundError: if ``root`` is not a folder, or holds no metadata file, audio folder or label file
+            matching the layout's globs.
+    """
+    root = Path(root)
+    label = name or "corpus"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{label} folder {root} does not exist")
+    if split not in table.metadata:
+        raise ValueError(
+            f"{label}: the folder layout has no split {split!r} (splits: {', '.join(table.metadata)}); pass "
+            "metadata=GLOB to name the metadata file of another split"
+        )
+    expected = describe_table(table, split)
+    paths = sorted(p for p in root.glob(table.metadata[split]) if p.is_file())
+    if not paths:
+        raise FileNotFoundError(
+            f"{root} holds no {table.metadata[split]!r}; expected {label}'s layout: {expected}"
+        )
+    names = _table_label_names(table, root)
+    inputs: list[FolderInput] = []
+    used: set[str] = set()
+    next_suffix: dict[str, int] = {}
+
+    def unique(key: str) -> str:
+        if key in used:
+            n = next_suffix.get(key, 2)
+            while f"{key}_{n}" in used:
+                n += 1
+            next_suffix[key] = n + 1
+            key = f"{key}_{n}"
+        used.add(key)
+        return key
+
+    def add(
+        key: str, audio: Path | None, source: str, row: Mapping[str, Any], reject: tuple[str, str] | None
+    ) -> None:
+        question = row.get(table.question) if table.question else None
+        question = None if question is None else str(question)
+        for i, column in enumerate(table.text, 1):
+            key_i = unique(f"{key}_c{i}" if len(table.text) > 1 else key)
+            text, unlabelled = _table_text(table, row.get(column), task, names)
+            why = reject or (("unlabelled", f"{source}: {unlabelled}") if unlabelled else None)
+            inputs.append(
+                FolderInput(
+                    key_i,
+                    str(audio.resolve()) if audio is not None else None,
+                    text,
+                    source,
+                    question=question,
+                    reject=why[0] if why else None,
+                    detail=why[1] if why else "",
+                )
+            )
+
+    if not table.audio:  # the metadata glob lists the audio files; the file name holds the columns
+        pattern = re.compile(str(table.filename_regex))
+        skipped = 0
+        for path in paths:
+            if path.name.startswith(".") or path.suffix.lower() not in AUDIO_EXTENSIONS:
+                continue
+            match = pattern.match(path.name)
+            if match is None:
+                skipped += 1
+                continue
+            row = {**match.groupdict(), "_stem": path.stem}
+            key = _fill(table.key, _cells(row)) if table.key else path.stem
+            key = _KEY_UNSAFE.sub("_", key or "").strip("_") or path.stem
+            add(key, path, path.relative_to(root).as_posix(), row, None)
+        if skipped:
+            log.warning("%s: %d audio file(s) do not match %s; ignored", label, skipped, table.filename_regex)
+        inputs.sort(key=lambda item: item.key)
+        return inputs
+
+    dir_glob = table.audio_dirs.get(split)
+    dirs = sorted(p for p in root.glob(dir_glob) if p.is_dir()) if dir_glob else [root]
+    if not dirs:
+        raise FileNotFoundError(
+            f"{root} holds no audio folder {dir_glob!r}; expected {label}'s layout: {expected}"
+        )
+    index = _AudioIndex(dirs)
+    if index.num_ambiguous:
+        log.warning(
+            "%s: %d audio stems occur more than once (using the first in sorted order), e.g. %s",
+            label, index.num_ambiguous, index.first_ambiguous,
+        )  # fmt: skip
+    split_filter = table.split_filter.get(split)
+    required = table.columns_used(split)
+    num_rows = 0
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        rows = _read_table_rows(table, path)
+        first = next((r for r in rows if "_error" not in r), None)
+        if first is not None and not required <= set(first):
+            raise ValueError(
+                f"{rel} lacks the columns {sorted(required - set(first))} of {label}'s layout (has "
+                f"{sorted(first)}); expected {expected}"
+            )
+        for number, row in enumerate(rows, 1):
+            where = f"{rel}:{number}"
+            if "_error" in row:
+                stem = _KEY_UNSAFE.sub("_", path.stem)
+                add(f"{stem}_{number}", None, where, {}, ("unreadable_row", f"{where}: {row['_error']}"))
+                continue
+            if split_filter is not None and str(row.get(split_filter[0], "")).strip() not in split_filter[1]:
+                continue
+            num_rows += 1
+            cells = _cells(row)
+            candidates = [c for c in (_fill(t, cells) for t in table.audio) if c]
+            audio = next((hit for hit in map(index.find, candidates) if hit is not None), None)
+            raw_key = (
+                _fill(table.key, cells)
+                if table.key
+                else _strip_audio_ext((candidates or [""])[0].rsplit("/", 1)[-1])
+            )
+            key = (
+                _KEY_UNSAFE.sub("_", raw_key or "").strip("_")
+                or f"{_KEY_UNSAFE.sub('_', path.stem)}_{number}"
+            )
+            if audio is None:
+                named = " / ".join(repr(c) for c in candidates) or "(no audio name in the row)"
+                add(key, None, where, row, ("missing_audio", f"{where}: no audio file {named}"))
+            else:
+                add(
+                    key,
+                    audio,
+                    audio.relative_to(root).as_posix() if audio.is_relative_to(root) else str(audio),
+                    row,
+                    None,
+                )
+    missing = sum(item.reject == "missing_audio" for item in inputs)
+    log.info(
+        "%s/%s: %d metadata rows in %d file(s) -> %d inputs; %d audio files indexed, %d inputs without audio",
+        label, split, num_rows, len(paths), len(inputs), index.num_files, missing,
+    )  # fmt: skip
+    if inputs and missing == len(inputs):
+        log.warning("%s: no audio file found for any row; is %s the folder holding the audio? expected %s",
+                    label, root, expected)  # fmt: skip
+    inputs.sort(key=lambda item: item.key)
+    return inputs
+
+
+def _table_layouts() -> list[str]:
+    return sorted(
+        {s.folder_layout for s in CORPORA.values() if s.folder_table is not None and s.folder_layout}
+    )
+
+
+def read_folder(spec: CorpusSpec, root: str | os.PathLike, split: str = "train") -> list[FolderInput]:
+    """Inputs of ``root`` read with the reader of ``spec.folder_layout`` (or its ``folder_table``).
 
     Args:
         spec: the corpus.
         root: a folder in the corpus's official layout.
+        split: our split name (table layouts pick the split's metadata; LibriSpeech reads all of ``root``).
 
     Returns:
         The ordered inputs.
 
     Raises:
-        ValueError: if the corpus has no folder layout.
-        NotImplementedError: if its layout has no reader yet.
+        ValueError: if the corpus has no folder layout, or (table layouts) the split is not in it or a
+            metadata file does not fit it.
+        NotImplementedError: if its layout has no reader.
         FileNotFoundError: if the folder does not look like the layout.
     """
     if not spec.folder_layout:
@@ -201,11 +603,16 @@ def read_folder(spec: CorpusSpec, root: str | os.PathLike) -> list[FolderInput]:
             f"corpus {spec.name!r} has no official folder layout in the registry; pass source= an HF dataset id "
             f"(default {spec.hf_id!r}) or a folder written with Dataset.save_to_disk"
         )
+    if spec.folder_table is not None:
+        return read_table_folder(spec.folder_table, root, split, task=spec.task, name=spec.name)
     reader = FOLDER_READERS.get(spec.folder_layout)
     if reader is None:
+        reason = UNSUPPORTED_LAYOUTS.get(spec.folder_layout)
         raise NotImplementedError(
-            f"folder layout {spec.folder_layout!r} of corpus {spec.name!r} is not implemented (implemented: "
-            f"{', '.join(sorted(FOLDER_READERS))}); pass source= an HF dataset id"
+            f"folder layout {spec.folder_layout!r} of corpus {spec.name!r} is not implemented"
+            + (f" ({reason})" if reason else "")
+            + f"; implemented: {', '.join(sorted([*FOLDER_READERS, *_table_layouts()]))}. Pass source= an HF "
+            "dataset id"
             + (f" (registry: {spec.hf_id!r})" if spec.hf_id else "")
             + " or a save_to_disk folder instead"
         )
@@ -451,6 +858,9 @@ def _convert(
 def _folder_outcomes(ctx: _Context, job: _Job) -> Iterator[_Outcome]:
     assert job.folder_inputs is not None
     for offset, item in enumerate(job.folder_inputs):
+        if item.reject is not None:
+            yield _Outcome(item.key, reason=item.reject, detail=item.detail)
+            continue
         if item.audio_path is None:
             yield _Outcome(item.key, reason="missing_audio", detail=f"{item.source}: no audio for {item.key}")
             continue
@@ -462,7 +872,7 @@ def _folder_outcomes(ctx: _Context, job: _Job) -> Iterator[_Outcome]:
             source=item.source,
             load=lambda path=path: decode_audio(Path(path).read_bytes()),
             text=item.text,
-            question=None,
+            question=item.question,
         )
 
 
@@ -587,6 +997,32 @@ def _sha256(lines: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
+def _input_line(item: FolderInput) -> str:
+    """What identifies a folder input in the build parameters (LibriSpeech lines predate the extra fields)."""
+    line = f"{item.key}\t{item.source}\t{item.text}"
+    if item.question is not None or item.reject is not None:
+        line += f"\t{item.question}\t{item.reject}"
+    return line
+
+
+def _override_table(
+    table: FolderTable, split: str, columns: Mapping[str, str], metadata: str | None
+) -> FolderTable:
+    """``table`` with the CLI's column overrides and ``split``'s metadata glob replaced."""
+    changes: dict[str, Any] = {}
+    if "audio" in columns:
+        changes["audio"] = (f"{{{columns['audio']}}}",)
+    if "text" in columns:
+        changes["text"] = (columns["text"],)
+    if "question" in columns:
+        changes["question"] = columns["question"]
+    if "id" in columns:
+        changes["key"] = f"{{{columns['id']}}}"
+    if metadata is not None:
+        changes["metadata"] = {**table.metadata, split: metadata}
+    return dataclasses.replace(table, **changes)
+
+
 def prepare_corpus(
     corpus: str,
     out_dir: str | os.PathLike,
@@ -602,6 +1038,7 @@ def prepare_corpus(
     prompt: str | None = None,
     max_duration_s: float | None = None,
     columns: Mapping[str, str] | None = None,
+    metadata: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Convert one split of a registered corpus into WebDataset shards and a manifest.
@@ -621,7 +1058,10 @@ def prepare_corpus(
         prompt: user instruction for every sample instead of the registry's rotating ``prompts`` (``aqa``:
             ``{question}`` is replaced by the question; ``instruct``: ``""`` means audio only).
         max_duration_s: reject inputs longer than this many seconds (``"too_long"``).
-        columns: overrides of the registry's column mapping (``audio``, ``text``, ``question``, ``id``).
+        columns: overrides of the registry's column mapping (``audio``, ``text``, ``question``, ``id``); for a
+            table folder layout they replace its audio template, text column(s), question column and key.
+        metadata: table folder layouts: glob (relative to ``source``) of the metadata file(s) of ``split``,
+            replacing the registry's (which may then lack ``split``).
         progress: show a tqdm progress bar (advances per finished shard).
 
     Returns:
@@ -670,8 +1110,14 @@ def prepare_corpus(
     folder_inputs: list[FolderInput] | None = None
     label_names = None
     col_map = {**spec.columns, **(columns or {})}
+    if metadata is not None and spec.folder_table is None:
+        raise ValueError(f"metadata= applies to table folder layouts; corpus {spec.name!r} has none")
     if source_path.is_dir() and not _is_saved_dataset(source_path):
-        folder_inputs = read_folder(spec, source_path)
+        if spec.folder_table is not None and (columns or metadata is not None):
+            spec = dataclasses.replace(
+                spec, folder_table=_override_table(spec.folder_table, split, columns or {}, metadata)
+            )
+        folder_inputs = read_folder(spec, source_path, split)
         if limit is not None:
             folder_inputs = folder_inputs[:limit]
         num_inputs = len(folder_inputs)
@@ -680,8 +1126,10 @@ def prepare_corpus(
             "kind": "folder",
             "layout": spec.folder_layout,
             "path": str(source_path.resolve()),
-            "inputs_sha256": _sha256([f"{i.key}\t{i.source}\t{i.text}" for i in folder_inputs]),
+            "inputs_sha256": _sha256([_input_line(i) for i in folder_inputs]),
         }
+        if spec.folder_table is not None:
+            source_params["table"] = dataclasses.asdict(spec.folder_table)
     else:
         if source_str.startswith(("/", ".", "~")) and not source_path.exists():
             raise FileNotFoundError(f"source folder {source_path} does not exist")
@@ -823,6 +1271,7 @@ usage: python -m aero_lightning.data.prepare corpus=NAME out=DIR [key=value ...]
   hf_split=EXPR          HF split to read (default: registry mapping of split)
   hf_config=NAME         HF config (default: registry hf_config)
   revision=REV           HF revision, e.g. refs/convert/parquet
+  metadata=GLOB          table folder layouts: metadata file(s) of this split (default: registry)
   shard_size=1000        inputs per shard
   workers=N              worker processes (default: min(4, cpu count); 0/1 = in process)
   limit=N                only the first N inputs
@@ -833,7 +1282,7 @@ usage: python -m aero_lightning.data.prepare corpus=NAME out=DIR [key=value ...]
 """
 
 _INT_KEYS = ("shard_size", "workers", "limit")
-_STR_KEYS = ("corpus", "out", "source", "split", "hf_split", "hf_config", "revision", "prompt")
+_STR_KEYS = ("corpus", "out", "source", "split", "hf_split", "hf_config", "revision", "prompt", "metadata")
 _COLUMN_KEYS = {
     "audio_column": "audio",
     "text_column": "text",

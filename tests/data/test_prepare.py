@@ -537,3 +537,298 @@ def test_corpora_markdown_table():
     assert rows[0] == (
         "| [librispeech](https://www.openslr.org/12) | asr (speech) | `folder:librispeech` | 960 | CC-BY-4.0 |"
     )
+
+
+# --------------------------------------------------------------------------------- table folder layouts
+
+
+def _write_audio(path: Path, seconds: float, rate: int, freq_hz: float = 440.0) -> Path:
+    """A short tone at ``path`` (format from the suffix, 16-bit PCM)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, _tone(seconds, rate, freq_hz), rate, subtype="PCM_16")
+    return path
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _all_samples(out: Path, manifest: dict) -> list[tuple[str, np.ndarray, int, dict]]:
+    return [s for shard in manifest["shards"] for s in _read_shard(out / shard["name"])]
+
+
+def _rejects(manifest: dict) -> list[tuple[str, str]]:
+    return [(r["key"], r["reason"]) for r in manifest["rejected"]]
+
+
+def test_prepare_audiocaps_table_layout(tmp_path):
+    root = tmp_path / "audiocaps"
+    _write_csv(
+        root / "train.csv",
+        ["audiocap_id", "youtube_id", "start_time", "caption"],
+        [
+            ["91139", "r1nicOVtvkQ", "130", "A woman talks nearby as water pours"],
+            ["58146", "-9Ab_cD3efG", "30", "Birds chirp, then a dog barks"],
+            ["11", "zzzMissing1", "0", "A car passes by"],
+            ["207", "Xy0Q8vKb1aA", "50", " Rain falls on a roof "],
+        ],
+    )
+    # clips named as different download tools do: <id>.wav, Y<id>.flac, <id>_<start>.wav; 44.1 kHz
+    audio = {
+        "91139": _write_audio(root / "audio" / "r1nicOVtvkQ.wav", 0.5, 44100, 300),
+        "58146": _write_audio(root / "audio" / "Y-9Ab_cD3efG.flac", 0.75, 44100, 500),
+        "207": _write_audio(root / "audio" / "sub" / "Xy0Q8vKb1aA_50.wav", 0.25, 44100, 700),
+    }
+    _write_audio(root / "audio" / "unrelated.wav", 0.1, 44100)
+    out = tmp_path / "out"
+    args = [f"source={root}", f"out={out}", "corpus=audiocaps", "workers=2", "shard_size=2", "progress=false"]
+    manifest = prepare.main(args)
+
+    spec = get_corpus("audiocaps")
+    # inputs sorted by key: 11 (missing), 207, 58146, 91139 -> chunks [11, 207] [58146, 91139]
+    assert [s["num_samples"] for s in manifest["shards"]] == [1, 2]
+    assert manifest["num_samples"] == 3 and manifest["build_params"]["num_inputs"] == 4
+    assert _rejects(manifest) == [("11", "missing_audio")]
+    assert manifest["rejected"][0]["detail"] == (
+        "train.csv:3: no audio file 'zzzMissing1' / 'YzzzMissing1' / 'zzzMissing1_0' / '11'"
+    )
+    assert manifest["rejected_counts"] == {"missing_audio": 1}
+    assert manifest["task"] == "caption" and manifest["domain"] == "sound"
+    assert manifest["build_params"]["source"]["table"]["metadata"]["train"] == "train.csv"
+    expected = {
+        "207": ("Rain falls on a roof", spec.prompts[1], "audio/sub/Xy0Q8vKb1aA_50.wav"),
+        "58146": ("Birds chirp, then a dog barks", spec.prompts[0], "audio/Y-9Ab_cD3efG.flac"),
+        "91139": ("A woman talks nearby as water pours", spec.prompts[1], "audio/r1nicOVtvkQ.wav"),
+    }
+    samples = _all_samples(out, manifest)
+    assert [k for k, *_ in samples] == list(expected)
+    for key, wave, rate, record in samples:
+        text, prompt, source = expected[key]
+        reference = _expected_wave(audio[key])
+        assert rate == SR and wave.size == reference.size
+        np.testing.assert_allclose(wave, reference, atol=FLAC_TOL)
+        assert record["text"] == text and record["messages"] == asr_messages(text, prompt)
+        assert (record["task"], record["corpus"], record["language"]) == ("caption", "audiocaps", "und")
+        assert record["source"] == source and record["source_sample_rate_hz"] == 44100
+
+    # no other split's csv in the folder: a clear error naming the expected layout
+    with pytest.raises(FileNotFoundError, match="holds no 'val.csv'.*audiocap_id"):
+        prepare.prepare_corpus("audiocaps", tmp_path / "o2", root, split="validation", workers=1)
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        prepare.prepare_corpus("audiocaps", tmp_path / "o3", root, split="dev", workers=1)
+    # ... unless metadata= names it
+    extra = prepare.prepare_corpus(
+        "audiocaps", tmp_path / "o4", root, split="dev", metadata="train.csv", workers=1, limit=2
+    )
+    assert extra["num_samples"] == 1 and _rejects(extra) == [("11", "missing_audio")]
+
+
+CLOTHO_CAPTIONS = {
+    "Rain, on a tin roof.wav": [f"Rain drums on metal {i}." for i in range(1, 6)],
+    "birds01.wav": [
+        "Birds sing.",
+        "Many birds chirp loudly.",
+        "A bird calls.",
+        " Birds tweet. ",
+        "Chirping.",
+    ],
+    "gone.wav": [f"Missing clip caption {i}." for i in range(1, 6)],
+}
+
+
+def test_prepare_clotho_five_captions_per_clip(tmp_path):
+    root = tmp_path / "clotho"
+    _write_csv(
+        root / "clotho_captions_development.csv",
+        ["file_name"] + [f"caption_{i}" for i in range(1, 6)],
+        [[name, *captions] for name, captions in CLOTHO_CAPTIONS.items()],
+    )
+    _write_audio(root / "development" / "Rain, on a tin roof.wav", 0.5, 44100, 250)
+    _write_audio(root / "development" / "birds01.wav", 0.5, 44100, 2000)
+    manifest = prepare.prepare_corpus("clotho", tmp_path / "out", root, workers=1, shard_size=100)
+
+    stems = {"Rain, on a tin roof.wav": "Rain_on_a_tin_roof", "birds01.wav": "birds01", "gone.wav": "gone"}
+    samples = _all_samples(tmp_path / "out", manifest)
+    expected = [
+        (f"{stems[name]}_c{i}", captions[i - 1].strip(), f"development/{name}")
+        for name, captions in CLOTHO_CAPTIONS.items()
+        if name != "gone.wav"
+        for i in range(1, 6)
+    ]
+    assert [(k, r["text"], r["source"]) for k, _, _, r in samples] == expected
+    assert manifest["num_samples"] == 10
+    assert _rejects(manifest) == [(f"gone_c{i}", "missing_audio") for i in range(1, 6)]
+    prompts = get_corpus("clotho").prompts
+    assert [r["messages"][0]["content"][1]["text"] for *_, r in samples] == [
+        prompts[i % 2] for i in range(10)
+    ]
+    # the five samples of one clip hold the same audio
+    assert all(np.array_equal(samples[0][1], s[1]) for s in samples[1:5])
+
+
+def test_prepare_esc50_folder_labels_and_folds(tmp_path):
+    root = tmp_path / "ESC-50-master"
+    rows = [
+        ["1-100032-A-0.wav", "1", "0", "dog", "True", "100032", "A"],
+        ["1-110389-A-0.wav", "1", "0", "dog", "True", "110389", "A"],
+        ["2-102414-A-17.wav", "2", "17", "pouring_water", "False", "102414", "A"],
+    ]
+    _write_csv(
+        root / "meta" / "esc50.csv",
+        ["filename", "fold", "target", "category", "esc10", "src_file", "take"],
+        rows,
+    )
+    for i, row in enumerate(rows):
+        _write_audio(root / "audio" / row[0], 0.5, 44100, 200 + 100 * i)
+    prompt = get_corpus("esc50").prompts[0]
+
+    manifest = prepare.prepare_corpus("esc50", tmp_path / "out", root, workers=1)
+    records = [(k, r) for k, _, _, r in _all_samples(tmp_path / "out", manifest)]
+    assert [(k, r["text"]) for k, r in records] == [
+        ("1-100032-A-0", "dog"),
+        ("1-110389-A-0", "dog"),
+        ("2-102414-A-17", "pouring_water"),
+    ]
+    assert all(r["messages"] == asr_messages(r["text"], prompt) for _, r in records)
+    assert all(r["task"] == "classify" and r["duration_s"] == 0.5 for _, r in records)
+    assert manifest["rejected"] == [] and manifest["build_params"]["source"]["kind"] == "folder"
+
+    fold2 = prepare.prepare_corpus("esc50", tmp_path / "fold2", root, split="fold2", workers=1)
+    assert [s["name"] for s in fold2["shards"]] == ["esc50-fold2-000000.tar"]
+    assert [r["text"] for *_, r in _all_samples(tmp_path / "fold2", fold2)] == ["pouring_water"]
+
+
+def test_prepare_crema_d_labels_from_file_names(tmp_path):
+    root = tmp_path / "CREMA-D"
+    for name, freq in [
+        ("1001_DFA_ANG_XX.wav", 300),
+        ("1001_IEO_HAP_HI.wav", 400),
+        ("1091_TSI_SAD_LO.wav", 500),
+    ]:
+        _write_audio(root / "AudioWAV" / name, 0.5, 16000, freq)
+    (root / "AudioWAV" / "1002_DFA_NEU_XX.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")  # unreadable
+    _write_audio(root / "AudioWAV" / "readme_tone.wav", 0.1, 16000)  # name does not match: not an input
+    (root / "AudioMP3").mkdir()
+    (root / "AudioMP3" / "1001_DFA_ANG_XX.mp3").write_bytes(b"not globbed")
+
+    manifest = prepare.prepare_corpus("crema_d", tmp_path / "out", root, workers=1)
+    records = [(k, r) for k, _, _, r in _all_samples(tmp_path / "out", manifest)]
+    assert [(k, r["text"], r["source"]) for k, r in records] == [
+        ("1001_DFA_ANG_XX", "angry", "AudioWAV/1001_DFA_ANG_XX.wav"),
+        ("1001_IEO_HAP_HI", "happy", "AudioWAV/1001_IEO_HAP_HI.wav"),
+        ("1091_TSI_SAD_LO", "sad", "AudioWAV/1091_TSI_SAD_LO.wav"),
+    ]
+    prompt = get_corpus("crema_d").prompts[0]
+    assert all(r["messages"] == asr_messages(r["text"], prompt) for _, r in records)
+    assert _rejects(manifest) == [("1002_DFA_NEU_XX", "unreadable_audio")]
+    assert manifest["build_params"]["num_inputs"] == 4
+
+
+def test_prepare_table_layouts_questions_label_files_and_line_regex(tmp_path):
+    # Clotho-AQA: question column; three annotators' answers to one question -> deduplicated keys
+    aqa = tmp_path / "clotho_aqa"
+    _write_csv(
+        aqa / "clotho_aqa_train.csv",
+        ["file_name", "QuestionText", "answer", "confidence"],
+        [
+            ["dog.wav", "Is a dog barking?", "yes", "yes"],
+            ["dog.wav", "Is a dog barking?", "yes", "maybe"],
+            ["dog.wav", "Is a dog barking?", "no", "no"],
+            ["dog.wav", "", "yes", "yes"],
+        ],
+    )
+    _write_audio(aqa / "audio_files" / "dog.wav", 0.25, 44100)
+    manifest = prepare.prepare_corpus("clotho_aqa", tmp_path / "o_aqa", aqa, workers=1)
+    records = [r for *_, r in _all_samples(tmp_path / "o_aqa", manifest)]
+    assert [(r["question"], r["text"]) for r in records] == [
+        ("Is a dog barking?", a) for a in ("yes", "yes", "no")
+    ]
+    assert records[2]["messages"] == asr_messages("no", "Is a dog barking?")
+    assert manifest["shards"] and [k for k, *_ in _all_samples(tmp_path / "o_aqa", manifest)] == [
+        "dog",
+        "dog_2",
+        "dog_3",
+    ]
+    assert _rejects(manifest) == [("dog_4", "empty_question")]
+
+    # AudioSet: '#' header lines, header-less quoted label lists, machine ids -> names via the label file
+    aset = tmp_path / "audioset"
+    aset.mkdir()
+    (aset / "eval_segments.csv").write_text(
+        "# Segments csv created Sun Mar  5 10:54:25 2017\n"
+        "# num_ytids=2, num_segs=2, num_unique_labels=3, num_positive_labels=3\n"
+        "# YTID, start_seconds, end_seconds, positive_labels\n"
+        '--4gqARaEJE, 0.000, 10.000, "/m/068hy,/m/07q6cd_"\n'
+        'AAAAAAAAAAA, 30.000, 40.000, "/m/xxxxx"\n'
+    )
+    _write_csv(
+        aset / "class_labels_indices.csv",
+        ["index", "mid", "display_name"],
+        [["0", "/m/068hy", "Domestic animals, pets"], ["1", "/m/07q6cd_", "Squeak"]],
+    )
+    _write_audio(aset / "eval" / "Y--4gqARaEJE.wav", 0.25, 32000)
+    manifest = prepare.prepare_corpus("audioset", tmp_path / "o_as", aset, split="test", workers=1)
+    records = [(k, r) for k, _, _, r in _all_samples(tmp_path / "o_as", manifest)]
+    assert [(k, r["text"]) for k, r in records] == [("--4gqARaEJE", "Domestic animals, pets, Squeak")]
+    assert _rejects(manifest) == [("AAAAAAAAAAA", "missing_audio")]
+
+    # IEMOCAP: summary lines picked out of EmoEvaluation files by regex; 'xxx' is unlabelled
+    iemo = tmp_path / "IEMOCAP_full_release"
+    evaluation = iemo / "Session1" / "dialog" / "EmoEvaluation"
+    evaluation.mkdir(parents=True)
+    (evaluation / "Ses01F_impro01.txt").write_text(
+        "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
+        "[6.2901 - 8.2357]\tSes01F_impro01_F000\tneu\t[2.5000, 2.5000, 2.5000]\n"
+        "C-E2:\tNeutral;\t()\n"
+        "[10.0100 - 11.3925]\tSes01F_impro01_F001\txxx\t[2.5000, 2.5000, 2.5000]\n"
+        "[14.8872 - 18.0175]\tSes01F_impro01_M001\tfru\t[2.0000, 3.5000, 3.5000]\n"
+    )
+    wav = iemo / "Session1" / "sentences" / "wav" / "Ses01F_impro01"
+    for utt in ("Ses01F_impro01_F000", "Ses01F_impro01_F001", "Ses01F_impro01_M001"):
+        _write_audio(wav / f"{utt}.wav", 0.25, 16000)
+    _write_audio(iemo / "Session1" / "dialog" / "wav" / "Ses01F_impro01.wav", 0.5, 16000)  # not a sentence
+    manifest = prepare.prepare_corpus("iemocap", tmp_path / "o_iemo", iemo, split="session1", workers=1)
+    records = [(k, r) for k, _, _, r in _all_samples(tmp_path / "o_iemo", manifest)]
+    assert [(k, r["text"]) for k, r in records] == [
+        ("Ses01F_impro01_F000", "neutral"),
+        ("Ses01F_impro01_M001", "frustrated"),
+    ]
+    assert _rejects(manifest) == [("Ses01F_impro01_F001", "unlabelled")]
+    assert "'xxx' has no usable class" in manifest["rejected"][0]["detail"]
+
+
+def test_table_layout_errors_and_registry_coverage(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no 'clotho_captions_development.csv'"):
+        prepare.prepare_corpus("clotho", tmp_path / "o1", plain)
+    with pytest.raises(
+        NotImplementedError, match="'instructs2s' of corpus 'instructs2s_200k' is not implemented"
+    ):
+        prepare.prepare_corpus("instructs2s_200k", tmp_path / "o2", plain)
+    _write_csv(plain / "train.csv", ["ytid", "caption"], [["abc", "x"]])
+    with pytest.raises(
+        ValueError, match=r"train.csv lacks the columns \['audiocap_id', 'start_time', 'youtube_id'\]"
+    ):
+        prepare.prepare_corpus("audiocaps", tmp_path / "o3", plain)
+    with pytest.raises(ValueError, match="metadata= applies to table folder layouts"):
+        prepare.prepare_corpus("librispeech", tmp_path / "o4", plain, metadata="x.csv")
+
+    # every folder layout in the registry is readable or says why not
+    for spec in CORPORA.values():
+        if spec.folder_layout is None:
+            continue
+        readable = spec.folder_table is not None or spec.folder_layout in prepare.FOLDER_READERS
+        assert readable != (spec.folder_layout in prepare.UNSUPPORTED_LAYOUTS), spec.name
+        if spec.folder_table is not None:
+            assert "train" in spec.folder_table.metadata, spec.name
+            for split in spec.folder_table.metadata:
+                prepare.describe_table(spec.folder_table, split)
+    assert sorted(prepare.UNSUPPORTED_LAYOUTS) == ["instructs2s", "tedlium"]
+    assert "missing_audio" in prepare.REJECT_REASONS and "unlabelled" in prepare.REJECT_REASONS
