@@ -185,7 +185,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_model, ma
             assert all(layer.gradient_checkpointing for layer in model.encoder.encoder.layers)
         out = _forward(model, make_batch(model, samples))
         out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(
+            (out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        )
     (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
     torch.testing.assert_close(loss_ckpt, loss_plain, rtol=1e-6, atol=1e-6)
     assert grads_plain.keys() == grads_ckpt.keys()
