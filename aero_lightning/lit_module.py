@@ -93,6 +93,7 @@ class AeroLitModule(L.LightningModule):
             labels=batch.get("labels"),
             position_ids=batch.get("position_ids"),
             cu_seqlens=batch.get("cu_seqlens"),
+            return_logits=False,  # loss from hidden states in chunks: no (L, vocab) logits
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from aero_lightning.data.chat import AUDIO_SPECIAL_TOKENS, AUDIO_TOKEN, IGNORE_I
 from aero_lightning.data.features import HOP_LENGTH, WINDOW_SAMPLES, LogMelSpectrogram
 from aero_lightning.model.attention import packed_attention_kwargs
 from aero_lightning.model.encoders import WhisperAudioEncoder
+from aero_lightning.model.liger import apply_liger, liger_available, liger_options, linear_cross_entropy_sum
 from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector, Projector
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,10 @@ class AeroModel(nn.Module):
             (Watanabe et al. 2017, https://doi.org/10.1109/JSTSP.2017.2763455). It lets an encoder trained from
             scratch (the CPU demo) learn the acoustics in minutes; meant for ASR data. 0 (the default, and Aero's
             recipe) disables it and builds no head.
+        liger: Liger kernels on the LLM (GPU, extra ``gpu``): ``true``/``false`` or ``{enabled, rope, rms_norm,
+            swiglu, fused_linear_cross_entropy}`` (:mod:`aero_lightning.model.liger`); unavailable kernels fall back
+            to PyTorch with a warning.
+        loss_chunk_tokens: target positions projected to the vocabulary at once by the loss (no full logits).
     """
 
     def __init__(
@@ -170,6 +175,8 @@ class AeroModel(nn.Module):
         gradient_checkpointing: bool = False,
         end_of_turn_token: str = "<|im_end|>",
         ctc_weight: float = 0.0,
+        liger: Mapping | bool | None = None,
+        loss_chunk_tokens: int = 4096,
     ):
         super().__init__()
         self.encoder = encoder
@@ -190,6 +197,14 @@ class AeroModel(nn.Module):
         if gradient_checkpointing:
             _enable_checkpointing(self.llm)
             _enable_checkpointing(self.encoder.encoder)
+        self.liger = liger_options(liger)
+        kernels = {k: v for k, v in self.liger.items() if k != "fused_linear_cross_entropy"}
+        if any(kernels.values()) and not apply_liger(self.llm, **kernels):
+            self.liger = dict.fromkeys(self.liger, False)
+        self.liger["fused_linear_cross_entropy"] = (
+            self.liger["fused_linear_cross_entropy"] and liger_available()
+        )
+        self.loss_chunk_tokens = int(loss_chunk_tokens)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -203,6 +218,8 @@ class AeroModel(nn.Module):
         end_of_turn_token: str = "<|im_end|>",
         ctc_weight: float = 0.0,
         attn_implementation: str | None = None,
+        liger: Mapping | bool | None = None,
+        loss_chunk_tokens: int = 4096,
     ) -> AeroModel:
         """Load encoder and LLM with ``from_pretrained`` (hub id or local folder) and build a fresh projector.
 
@@ -211,7 +228,7 @@ class AeroModel(nn.Module):
             llm: ``{"name_or_path", "attn_implementation", "torch_dtype", "tokenizer"}`` (``tokenizer`` defaults to
                 ``name_or_path``).
             projector: a callable ``projector(encoder_dim=..., llm_dim=...)`` (a Hydra ``_partial_`` config).
-            freeze, gradient_checkpointing, end_of_turn_token, ctc_weight: see the class.
+            freeze, gradient_checkpointing, end_of_turn_token, ctc_weight, liger, loss_chunk_tokens: see the class.
             attn_implementation: attention backend of both encoder and LLM (``varlen``, ``flash_attention_2``,
                 ``sdpa``, ``eager``; see :mod:`aero_lightning.model.attention`); None keeps each component's own
                 ``attn_implementation`` (default ``sdpa``).
@@ -233,7 +250,18 @@ class AeroModel(nn.Module):
         check_architecture("encoder", enc.config, encoder.get("expect"))
         check_architecture("llm", lm.config, llm.get("expect"))
         proj = projector(encoder_dim=enc.hidden_size, llm_dim=lm.config.hidden_size)
-        return cls(enc, proj, lm, tokenizer, freeze, gradient_checkpointing, end_of_turn_token, ctc_weight)
+        return cls(
+            enc,
+            proj,
+            lm,
+            tokenizer,
+            freeze,
+            gradient_checkpointing,
+            end_of_turn_token,
+            ctc_weight,
+            liger=liger,
+            loss_chunk_tokens=loss_chunk_tokens,
+        )
 
     def apply_freeze(self, patterns: Sequence[str]) -> None:
         """Set ``requires_grad=False`` on parameters whose name matches any regex in ``patterns``.
@@ -396,6 +424,7 @@ class AeroModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> AeroOutput:
         """Teacher-forced forward pass, on a padded batch or on one packed row of documents.
 
@@ -410,7 +439,10 @@ class AeroModel(nn.Module):
             position_ids: ``(B, L)`` optional explicit positions; for a packed batch they restart at 0 in every
                 document, which confines attention to the document (transformers builds the per-document mask
                 from them when ``attention_mask`` is None and ``use_cache=False``).
-            cu_seqlens: ``(D+1,)`` document boundaries of a packed row (used by the CTC head).
+            cu_seqlens: ``(D+1,)`` document boundaries of a packed row (attention kernels and the CTC head).
+            return_logits: False (training) computes the loss from the final hidden states without full
+                ``(B, L, V)`` logits (:func:`~aero_lightning.model.liger.linear_cross_entropy_sum`); ``logits`` is
+                then None.
 
         Returns:
             :class:`AeroOutput` with the summed loss and the target-token count, so callers can normalise over a
@@ -418,25 +450,36 @@ class AeroModel(nn.Module):
         """
         inputs_embeds, encoded = self._inputs_embeds_and_audio(input_ids, input_features, feature_lengths)
         packed = packed_attention_kwargs(cu_seqlens) if cu_seqlens is not None else {}
-        out = self.llm(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
+        kwargs = {
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": False,
             **packed,
-        )
-        logits = out.logits  # (B, L, V)
-        if labels is None:
-            return AeroOutput(logits=logits)
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:].to(logits.device)
-        loss_sum = nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        num_targets = (shift_labels != IGNORE_INDEX).sum()
+        }
+        if labels is not None and not return_logits:
+            hidden = self.llm.base_model(**kwargs).last_hidden_state  # (B, L, D)
+            logits = None
+            loss_sum, num_targets = linear_cross_entropy_sum(
+                hidden[:, :-1],
+                self.llm.get_output_embeddings().weight,
+                labels[:, 1:],
+                chunk_tokens=self.loss_chunk_tokens,
+                use_liger=self.liger["fused_linear_cross_entropy"],
+            )
+        else:
+            logits = self.llm(**kwargs).logits  # (B, L, V)
+            if labels is None:
+                return AeroOutput(logits=logits)
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(logits.device)
+            loss_sum = nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            num_targets = (shift_labels != IGNORE_INDEX).sum()
         ctc = None
         if self.ctc_weight > 0 and encoded is not None:
             ctc = self._ctc_loss(encoded, input_ids, labels, cu_seqlens)
