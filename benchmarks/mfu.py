@@ -1,0 +1,222 @@
+"""MFU and tokens/s of an Aero-shaped model: padded 4096 vs packed 32768, Liger on and off (GPU; design §7).
+
+The model is random-init with Aero-1-Audio's shapes, built in memory (no download): a Whisper-large-v3 encoder
+(d 1280, 32 layers, 20 heads, FFN 5120, 128 mel bins), AvgPool(2) + Linear projector (25 tokens/s) and a
+Qwen2.5-1.5B LLM (hidden 1536, 28 layers, 12 heads / 2 KV heads, FFN 8960, vocab 151 936, tied embeddings). Full
+fine-tuning, bf16 autocast with fp32 master weights, AdamW, activation checkpointing.
+
+Rows (every row trains on the same synthetic documents: LibriSpeech-shaped durations, random audio, replies of
+3.5 tokens per second of audio):
+
+- ``padded 4096`` (Aero's baseline): encoder windows padded to 30 s (``padding_free: false``), LLM batches padded
+  to the longest in arrival order under ``len x longest <= 4096``, ``sdpa``.
+- ``packed 32768``: padding-free encoder windows and one packed LLM row of up to 32768 tokens, ``varlen``
+  attention (or ``--attn flash_attention_2``).
+
+MFU = model FLOPs (:mod:`aero_lightning.model.flops`: real tokens only, trainable 6N, attention per document)
+per second / the GPU's dense bf16 peak. Tokens/s counts real LLM tokens per GPU.
+
+Run on one GPU: ``python benchmarks/mfu.py`` (~10 min on an H100). ``--tiny`` runs the same code on toy shapes in
+fp32 on CPU (a smoke test; its MFU is not meaningful). Writes ``benchmarks/results/mfu.json``
+(``mfu_tiny_cpu.json`` with ``--tiny``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from aero_lightning.data.chat import encode_chat
+from aero_lightning.data.packing import collate_packed, collate_padded, plan_packed
+from aero_lightning.data.shards import asr_messages
+from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
+from aero_lightning.model.flops import batch_lengths, count_params, peak_flops, step_flops
+from aero_lightning.model.projector import AvgPoolProjector
+from aero_lightning.model.tiny import tiny_qwen2_config, tiny_whisper_config, train_tokenizer
+
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+
+
+def build_model(tiny: bool, attn: str, padding_free: bool, liger: bool, tokenizer) -> AeroModel:
+    """Random-init Aero-shaped (or toy) model in memory."""
+    torch.manual_seed(0)
+    if tiny:
+        enc_cfg = tiny_whisper_config(num_mel_bins=128, d_model=64, layers=2, heads=2, ffn_dim=128)
+        llm_cfg = tiny_qwen2_config(
+            vocab_size=len(tokenizer), hidden_size=64, layers=2, heads=4, intermediate=128
+        )
+    else:
+        enc_cfg = tiny_whisper_config(num_mel_bins=128, d_model=1280, layers=32, heads=20, ffn_dim=5120)
+        llm_cfg = Qwen2Config(
+            vocab_size=151_936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=32_768,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )
+    enc_cfg._attn_implementation = attn
+    llm_cfg._attn_implementation = attn
+    encoder = WhisperAudioEncoder(PaddingFreeWhisperEncoder(enc_cfg), padding_free=padding_free)
+    llm = Qwen2ForCausalLM(llm_cfg)
+    projector = AvgPoolProjector(encoder_dim=enc_cfg.d_model, llm_dim=llm_cfg.hidden_size, pool=2)
+    return AeroModel(encoder, projector, llm, tokenizer, gradient_checkpointing=not tiny, liger=liger)
+
+
+def documents(tokenizer, counter, n: int, seed: int = 0) -> list[dict]:
+    """Synthetic documents with LibriSpeech-shaped durations (mean 12.3 s, sd 3.8 s, 0.8-35 s)."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i, seconds in enumerate(np.clip(rng.normal(12.3, 3.8, n), 0.8, 35.0)):
+        wave = (0.05 * rng.standard_normal(round(seconds * 16000))).astype(np.float32)
+        text = " ".join(rng.choice(WORDS, size=max(1, round(seconds * 2.7))))
+        messages = asr_messages(text)
+        enc = encode_chat(tokenizer, messages, [counter(len(wave))])
+        docs.append({"key": f"d{i}", "waveform": wave, "messages": messages, "input_ids": enc.input_ids,
+                     "labels": enc.labels})  # fmt: skip
+    return docs
+
+
+def arrival_plan(costs: list[int], budget: int) -> list[list[int]]:
+    """Padded batches in arrival order, ``len x longest <= budget`` (as in benchmarks/packing_efficiency.py)."""
+    batches, longest = [], 0
+    for i, c in enumerate(costs):
+        if batches and (len(batches[-1]) + 1) * max(longest, c) <= budget:
+            batches[-1].append(i)
+            longest = max(longest, c)
+        else:
+            batches.append([i])
+            longest = c
+    return batches
+
+
+def measure(model: AeroModel, batches: list[dict], device, dtype, warmup: int, steps: int) -> dict:
+    """Train ``warmup + steps`` steps; time the last ``steps``; model FLOPs from real lengths."""
+    model.to(device).train()
+    params = count_params(model)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda"
+    )
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
+    flops = tokens = 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast:
+            feats, lens = model.compute_features(on_device["audio_windows"], on_device["window_lengths"])
+            out = model(
+                input_ids=on_device["input_ids"],
+                attention_mask=on_device.get("attention_mask"),
+                input_features=feats,
+                feature_lengths=lens,
+                labels=on_device["labels"],
+                position_ids=on_device.get("position_ids"),
+                cu_seqlens=on_device.get("cu_seqlens"),
+                return_logits=False,
+            )
+        (out.loss_sum / out.num_target_tokens.clamp_min(1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            windows, docs = batch_lengths(batch, model.audio_token_counter())
+            flops += step_flops(params, windows, docs)["total"]
+            tokens += sum(docs)
+    sync()
+    wall = time.perf_counter() - t0
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"steps": steps, "wall_s": wall, "tokens_per_s": tokens / wall, "model_flops_per_s": flops / wall,
+            "peak_mem_gib": peak_mem}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="toy shapes, fp32, CPU allowed (smoke test)")
+    parser.add_argument("--attn", default="varlen", help="packed backend: varlen or flash_attention_2")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--docs", type=int, default=1200)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.tiny and device.type != "cuda":
+        raise SystemExit("benchmarks/mfu.py needs a GPU (use --tiny for a CPU smoke test)")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    padded_len, packed_len = (512, 4096) if args.tiny else (4096, 32_768)
+    tokenizer = train_tokenizer(WORDS * 20, vocab_size=400)
+    probe = build_model(args.tiny, "sdpa", True, False, tokenizer)
+    docs = documents(tokenizer, probe.audio_token_counter(), args.docs if not args.tiny else 64)
+    del probe
+    costs = [len(d["input_ids"]) for d in docs]
+    doc_costs = list(zip(docs, costs))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = peak_flops(name, dtype)
+    rows = {}
+    for liger in (False, True):
+        for mode in ("padded", "packed"):
+            if liger and args.tiny:
+                continue  # Liger needs CUDA
+            budget = padded_len if mode == "padded" else packed_len
+            usable = [(d, c) for d, c in doc_costs if c <= budget]
+            ds, cs = [d for d, _ in usable], [c for _, c in usable]
+            model = build_model(
+                args.tiny, "sdpa" if mode == "padded" else args.attn, mode == "packed", liger, tokenizer
+            )
+            counter = model.audio_token_counter()
+            if mode == "packed":
+                batches = [collate_packed([ds[i] for i in b], counter) for b in plan_packed(cs, budget)]
+            else:
+                batches = [
+                    collate_padded([ds[i] for i in b], counter, tokenizer.pad_token_id)
+                    for b in arrival_plan(cs, budget)
+                ]
+            r = measure(model, batches, device, dtype, args.warmup, args.steps)
+            r["mfu"] = r["model_flops_per_s"] / peak if peak else None
+            r["liger"] = model.liger
+            rows[f"{mode} {budget}, liger {'on' if liger else 'off'}"] = r
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    base = next(iter(rows.values()))["tokens_per_s"]
+    lines = [
+        "| run | tokens/s/GPU | model TFLOP/s | MFU | peak mem GiB | vs padded |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in rows.items():
+        mfu_s = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
+        lines.append(f"| {key} | {r['tokens_per_s']:.0f} | {r['model_flops_per_s'] / 1e12:.1f} | {mfu_s} | "
+                     f"{r['peak_mem_gib']:.1f} | {r['tokens_per_s'] / base:.2f}x |")  # fmt: skip
+    table = "\n".join(lines)
+    print(table)  # noqa: T201 - benchmark output
+    print(
+        f"\ndevice: {name}, peak {peak or 'unknown'} FLOP/s, {'toy shapes' if args.tiny else 'Aero shapes'}"
+    )  # noqa: T201
+    out = Path(
+        args.out or Path(__file__).parent / "results" / ("mfu_tiny_cpu.json" if args.tiny else "mfu.json")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"script": "benchmarks/mfu.py", "args": vars(args), "device": name, "peak_flops": peak,
+                               "rows": rows, "table": table}, indent=2, default=str) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
