@@ -148,3 +148,24 @@ def test_packed_attention_rejects_a_batch_dimension():
     module = torch.nn.Module()
     with pytest.raises(ValueError, match="batch 1"):
         attention.varlen_attention_forward(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 4]))
+
+
+def test_frozen_encoder_and_llm_packed_checkpointed_train_the_projector(make_model, make_samples):
+    """tiny-audio setting on the training path: packed row, varlen, checkpointing, chunked loss."""
+    model = make_model(
+        attn_implementation="varlen", freeze=["^encoder\\.", "^llm\\."], gradient_checkpointing=True
+    ).train()
+    batch = collate_packed(_encoded(model, make_samples), model.audio_token_counter())
+    feats, lens = model.compute_features(batch["audio_windows"], batch["window_lengths"])
+    out = model(
+        input_ids=batch["input_ids"],
+        input_features=feats,
+        feature_lengths=lens,
+        labels=batch["labels"],
+        position_ids=batch["position_ids"],
+        cu_seqlens=batch["cu_seqlens"],
+        return_logits=False,
+    )
+    out.loss.backward()
+    assert model.projector.fc1.weight.grad.abs().sum() > 0 and model.projector.fc2.weight.grad.abs().sum() > 0
+    assert [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None] == []
