@@ -169,3 +169,26 @@ def test_frozen_encoder_and_llm_packed_checkpointed_train_the_projector(make_mod
     out.loss.backward()
     assert model.projector.fc1.weight.grad.abs().sum() > 0 and model.projector.fc2.weight.grad.abs().sum() > 0
     assert [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None] == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["varlen", "flash_attention_2"])
+def test_gpu_packed_backend_matches_per_document_reference(make_model, make_samples, backend):
+    """On CUDA in bf16 the packed kernels (torch varlen / flash-attn) match one SDPA call per document."""
+    if backend == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    fast = make_model(attn_implementation=backend).cuda().to(torch.bfloat16).eval()
+    samples = _encoded(fast, make_samples)
+    batch = {
+        k: v.cuda() if torch.is_tensor(v) else v
+        for k, v in collate_packed(samples, fast.audio_token_counter()).items()
+    }
+    feats, lens = fast.compute_features(batch["audio_windows"], batch["window_lengths"])
+    kw = dict(input_ids=batch["input_ids"], input_features=feats.to(torch.bfloat16), feature_lengths=lens,
+              labels=batch["labels"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])  # fmt: skip
+    out = fast(**kw)
+    fast.llm.config._attn_implementation = "sdpa"  # the dense per-document reference on the same weights
+    fast.encoder.encoder.config._attn_implementation = "sdpa"
+    ref = fast(**kw)
+    torch.testing.assert_close(out.logits.float(), ref.logits.float(), atol=5e-2, rtol=5e-2)
