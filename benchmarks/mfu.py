@@ -35,7 +35,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from aero_lightning.data.chat import encode_chat
-from aero_lightning.data.packing import collate_packed, collate_padded, plan_packed
+from aero_lightning.data.packing import collate_packed, collate_padded, plan_packed, plan_padded
 from aero_lightning.data.shards import asr_messages
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
@@ -87,19 +87,6 @@ def documents(tokenizer, counter, n: int, seed: int = 0) -> list[dict]:
         docs.append({"key": f"d{i}", "waveform": wave, "messages": messages, "input_ids": enc.input_ids,
                      "labels": enc.labels})  # fmt: skip
     return docs
-
-
-def arrival_plan(costs: list[int], budget: int) -> list[list[int]]:
-    """Padded batches in arrival order, ``len x longest <= budget`` (as in benchmarks/packing_efficiency.py)."""
-    batches, longest = [], 0
-    for i, c in enumerate(costs):
-        if batches and (len(batches[-1]) + 1) * max(longest, c) <= budget:
-            batches[-1].append(i)
-            longest = max(longest, c)
-        else:
-            batches.append([i])
-            longest = c
-    return batches
 
 
 def measure(model: AeroModel, batches: list[dict], device, dtype, warmup: int, steps: int) -> dict:
@@ -187,7 +174,7 @@ def main() -> None:
             else:
                 batches = [
                     collate_padded([ds[i] for i in b], counter, tokenizer.pad_token_id)
-                    for b in arrival_plan(cs, budget)
+                    for b in plan_padded(cs, budget, sort=False)
                 ]
             r = measure(model, batches, device, dtype, args.warmup, args.steps)
             r["mfu"] = r["model_flops_per_s"] / peak if peak else None

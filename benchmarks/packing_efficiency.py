@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aero_lightning.data.packing import plan_batches, plan_stats
+from aero_lightning.data.packing import plan_batches, plan_padded, plan_stats
 from aero_lightning.model.aero import AudioTokenCounter
 
 SAMPLE_RATE_HZ = 16000
@@ -60,20 +60,6 @@ def costs_of(durations_s: np.ndarray, counter: AudioTokenCounter) -> list[int]:
     ]
 
 
-def plan_arrival_order(costs: list[int], capacity: int) -> list[list[int]]:
-    """Naive baseline: padded batches cut in arrival order (no length sorting) under the same budget."""
-    batches: list[list[int]] = []
-    longest = 0
-    for i, c in enumerate(costs):
-        if batches and (len(batches[-1]) + 1) * max(longest, c) <= capacity:
-            batches[-1].append(i)
-            longest = max(longest, c)
-        else:
-            batches.append([i])
-            longest = c
-    return batches
-
-
 def simulate(costs: list[int], mode: str, packing_length: int, buffer_size: int) -> dict:
     """Plan ``costs`` block by block like the training stream; return the summed accounting.
 
@@ -85,7 +71,7 @@ def simulate(costs: list[int], mode: str, packing_length: int, buffer_size: int)
     for start in range(0, len(kept) - buffer_size + 1, buffer_size):
         block = kept[start : start + buffer_size]
         if mode == "padded_arrival":
-            plan = plan_arrival_order(block, packing_length)
+            plan = plan_padded(block, packing_length, sort=False)
         else:
             plan = plan_batches(block, packing_length, mode)
         stats = plan_stats(block, plan, "packed" if mode == "packed" else "padded", packing_length)

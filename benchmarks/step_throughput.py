@@ -53,19 +53,6 @@ def load_samples(corpus: str, n: int, long_every: int, model: AeroModel) -> list
     return out
 
 
-def arrival_plan(costs: list[int], budget: int) -> list[list[int]]:
-    """Padded batches cut in arrival order under ``len x longest <= budget``."""
-    batches, longest = [], 0
-    for i, c in enumerate(costs):
-        if batches and (len(batches[-1]) + 1) * max(longest, c) <= budget:
-            batches[-1].append(i)
-            longest = max(longest, c)
-        else:
-            batches.append([i])
-            longest = c
-    return batches
-
-
 def train(model: AeroModel, batches: list[dict], seconds: float) -> dict:
     """Train on ``batches`` (cycled) for ``seconds`` after 2 warm-up steps; count real tokens."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -142,7 +129,7 @@ def main() -> None:
     costs = [c for c in costs if c <= args.packing_length]
     counter, pad = model.audio_token_counter(), model.tokenizer.pad_token_id
     plans = {
-        "padded, arrival order (baseline)": (arrival_plan(costs, args.packing_length), "padded"),
+        "padded, arrival order (baseline)": (plan_padded(costs, args.packing_length, sort=False), "padded"),
         "padded, length-sorted": (plan_padded(costs, args.packing_length), "padded"),
         "packed": (plan_packed(costs, args.packing_length), "packed"),
     }

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from aero_lightning.data.chat import encode_chat
 from aero_lightning.data.datamodule import AsrCollator
 from aero_lightning.data.shards import DEFAULT_ASR_PROMPT, asr_messages
 from aero_lightning.model.aero import AeroModel
@@ -93,9 +94,24 @@ def _make_batch(model: AeroModel, samples: list[dict], for_generation: bool = Fa
     return batch
 
 
+def _make_encoded(tokenizer, counter, durations_s: Sequence[float], seed: int = 0) -> list[dict]:
+    """:func:`_make_samples` tokenised for training: each sample also holds ``input_ids`` and ``labels``."""
+    out = []
+    for s in _make_samples(durations_s, seed=seed):
+        enc = encode_chat(tokenizer, s["messages"], [counter(len(s["waveform"]))])
+        out.append(s | {"input_ids": enc.input_ids, "labels": enc.labels})
+    return out
+
+
 @pytest.fixture(scope="session")
 def make_samples() -> Callable[..., list[dict]]:
     return _make_samples
+
+
+@pytest.fixture(scope="session")
+def make_encoded() -> Callable[..., list[dict]]:
+    """Factory ``make_encoded(tokenizer, counter, durations_s, seed=0)`` of pre-tokenised samples."""
+    return _make_encoded
 
 
 @pytest.fixture(scope="session")

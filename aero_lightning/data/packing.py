@@ -85,14 +85,14 @@ def plan_packed(costs: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def plan_padded(costs: Sequence[int], capacity: int) -> list[list[int]]:
+def plan_padded(costs: Sequence[int], capacity: int, sort: bool = True) -> list[list[int]]:
     """Group samples into padded batches with ``len(batch) * max(cost) <= capacity``.
-
-    Samples are sorted by decreasing cost and cut greedily, so each batch holds samples of similar length.
 
     Args:
         costs: tokens per sample.
         capacity: token budget per padded batch (batch size x padded length).
+        sort: sort by decreasing cost first, so each batch holds samples of similar length (the stream's
+            ``padded`` mode); False cuts batches in arrival order (the naive padded baseline of the benchmarks).
 
     Returns:
         Lists of sample indices, one per batch.
@@ -101,13 +101,16 @@ def plan_padded(costs: Sequence[int], capacity: int) -> list[list[int]]:
         ValueError: if a cost exceeds ``capacity`` or is < 1.
     """
     _check_costs(costs, capacity)
-    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i)) if sort else range(len(costs))
     batches: list[list[int]] = []
+    longest = 0
     for i in order:
-        if batches and (len(batches[-1]) + 1) * costs[batches[-1][0]] <= capacity:
+        if batches and (len(batches[-1]) + 1) * max(longest, costs[i]) <= capacity:
             batches[-1].append(i)
+            longest = max(longest, costs[i])
         else:
             batches.append([i])
+            longest = costs[i]
     return batches
 
 

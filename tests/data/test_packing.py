@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from aero_lightning.data.chat import IGNORE_INDEX, encode_chat
+from aero_lightning.data.chat import IGNORE_INDEX
 from aero_lightning.data.packing import (
     collate_packed,
     collate_padded,
@@ -29,6 +29,9 @@ def test_first_fit_decreasing_hand_example():
 def test_padded_plan_hand_example():
     # sorted 5,4,3,3,2,1 with len * max <= 8: [5] (2*5 > 8), [4,3] (3*4 > 8), [3,2] (3*3 > 8), [1]
     assert plan_padded([5, 4, 3, 3, 2, 1], 8) == [[0], [1, 2], [3, 4], [5]]
+    # arrival order: [5] (2*5 > 8), [4,3] (3*4 > 8), [3,2] (3*3 > 8), [1]; and 1,4: 2*4 = 8 fits
+    assert plan_padded([5, 4, 3, 3, 2, 1], 8, sort=False) == [[0], [1, 2], [3, 4], [5]]
+    assert plan_padded([1, 4, 2, 2], 8, sort=False) == [[0, 1], [2, 3]]
 
 
 @pytest.mark.parametrize("mode", ["packed", "padded"])
@@ -60,16 +63,8 @@ def test_over_budget_and_bad_mode_raise():
         plan_batches([1], 10, "ragged")
 
 
-def _encoded(tokenizer, make_samples, durations):
-    out = []
-    for s in make_samples(durations):
-        enc = encode_chat(tokenizer, s["messages"], [COUNTER(len(s["waveform"]))])
-        out.append(s | {"input_ids": enc.input_ids, "labels": enc.labels})
-    return out
-
-
-def test_packed_batch_contract(tokenizer, make_samples):
-    samples = _encoded(tokenizer, make_samples, [0.7, 2.3, 31.0, 1.1])
+def test_packed_batch_contract(tokenizer, make_encoded):
+    samples = make_encoded(tokenizer, COUNTER, [0.7, 2.3, 31.0, 1.1])
     batch = collate_packed(samples, COUNTER)
     lengths = [len(s["input_ids"]) for s in samples]
     total = sum(lengths)
@@ -98,8 +93,8 @@ def test_packed_batch_contract(tokenizer, make_samples):
             assert value.numel() <= total + 1, name
 
 
-def test_packed_and_padded_carry_the_same_documents(tokenizer, make_samples):
-    samples = _encoded(tokenizer, make_samples, [0.7, 2.3, 1.1])
+def test_packed_and_padded_carry_the_same_documents(tokenizer, make_encoded):
+    samples = make_encoded(tokenizer, COUNTER, [0.7, 2.3, 1.1])
     packed = collate_packed(samples, COUNTER)
     padded = collate_padded(samples, COUNTER, pad_id=tokenizer.pad_token_id)
     mask = padded["attention_mask"].bool()
@@ -112,10 +107,10 @@ def test_packed_and_padded_carry_the_same_documents(tokenizer, make_samples):
     assert torch.equal(packed["labels"][0], flat)
 
 
-def test_packed_loss_equals_documents_run_alone(model, tokenizer, make_samples):
+def test_packed_loss_equals_documents_run_alone(model, tokenizer, make_encoded):
     """The packed forward gives each document the loss and logits it gets alone (fp32, CPU, sdpa)."""
     model.eval()
-    samples = _encoded(model.tokenizer, make_samples, [0.7, 2.3, 1.1])
+    samples = make_encoded(model.tokenizer, model.audio_token_counter(), [0.7, 2.3, 1.1])
     counter = model.audio_token_counter()
     packed = collate_packed(samples, counter)
     feats, lens = model.compute_features(packed["audio_windows"], packed["window_lengths"])

@@ -6,20 +6,14 @@ import pytest
 import torch
 from transformers.modeling_utils import AttentionInterface
 
-from aero_lightning.data.chat import encode_chat
 from aero_lightning.data.packing import collate_packed, collate_padded
 from aero_lightning.model import attention
 
 DURATIONS = [0.7, 2.3, 1.1]
 
 
-def _encoded(model, make_samples, durations=DURATIONS, seed=0):
-    counter = model.audio_token_counter()
-    out = []
-    for s in make_samples(durations, seed=seed):
-        enc = encode_chat(model.tokenizer, s["messages"], [counter(len(s["waveform"]))])
-        out.append(s | {"input_ids": enc.input_ids, "labels": enc.labels})
-    return out
+def _encoded(model, make_encoded, durations=DURATIONS):
+    return make_encoded(model.tokenizer, model.audio_token_counter(), durations)
 
 
 def _packed_forward(model, samples):
@@ -59,9 +53,9 @@ def _pair(make_model, backend):
 
 
 @pytest.mark.parametrize("backend", ["varlen", "sdpa", "eager"])
-def test_packed_logits_loss_and_grads_equal_documents_alone(make_model, make_samples, backend):
+def test_packed_logits_loss_and_grads_equal_documents_alone(make_model, make_encoded, backend):
     packed_model, reference = _pair(make_model, backend)
-    samples = _encoded(packed_model, make_samples)
+    samples = _encoded(packed_model, make_encoded)
     out, batch = _packed_forward(packed_model, samples)
     out.loss_sum.backward()
     cu = batch["cu_seqlens"].tolist()
@@ -83,12 +77,12 @@ def test_packed_logits_loss_and_grads_equal_documents_alone(make_model, make_sam
     assert checked > 20  # encoder, projector and LLM weights all got gradients
 
 
-def test_encoder_packed_windows_equal_windows_alone(make_model, make_samples):
+def test_encoder_packed_windows_equal_windows_alone(make_model, make_encoded):
     packed_model, reference = _pair(make_model, "varlen")
     packed_model.eval()
     reference.eval()
     batch = collate_padded(
-        _encoded(packed_model, make_samples, [0.7, 31.0, 2.3]), packed_model.audio_token_counter(), 0
+        _encoded(packed_model, make_encoded, [0.7, 31.0, 2.3]), packed_model.audio_token_counter(), 0
     )
     feats, lens = packed_model.compute_features(batch["audio_windows"], batch["window_lengths"])
     hidden, out_lens = packed_model.encoder(feats, lens)  # packed: one row, window cu_seqlens
@@ -99,9 +93,9 @@ def test_encoder_packed_windows_equal_windows_alone(make_model, make_samples):
         torch.testing.assert_close(hidden[w, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
 
 
-def test_perturbing_one_document_changes_no_other(make_model, make_samples):
+def test_perturbing_one_document_changes_no_other(make_model, make_encoded):
     model = make_model(attn_implementation="varlen").eval()
-    samples = _encoded(model, make_samples)
+    samples = _encoded(model, make_encoded)
     base, batch = _packed_forward(model, samples)
     changed = [dict(s) for s in samples]
     changed[1]["waveform"] = changed[1]["waveform"][::-1].copy()  # same length, different audio
@@ -114,7 +108,7 @@ def test_perturbing_one_document_changes_no_other(make_model, make_samples):
     assert not torch.allclose(base.logits[0, cu[1] : cu[2]], other.logits[0, cu[1] : cu[2]])
 
 
-def test_varlen_backend_builds_no_dense_mask(make_model, make_samples, monkeypatch):
+def test_varlen_backend_builds_no_dense_mask(make_model, make_encoded, monkeypatch):
     seen = []
 
     def spy(module, query, key, value, attention_mask, **kwargs):
@@ -123,7 +117,7 @@ def test_varlen_backend_builds_no_dense_mask(make_model, make_samples, monkeypat
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "varlen", spy)
     model = make_model(attn_implementation="varlen").eval()
-    samples = _encoded(model, make_samples)
+    samples = _encoded(model, make_encoded)
     out, batch = _packed_forward(model, samples)
     n_layers = model.encoder.config.encoder_layers + model.llm.config.num_hidden_layers
     assert len(seen) == n_layers
@@ -150,12 +144,12 @@ def test_packed_attention_rejects_a_batch_dimension():
         attention.varlen_attention_forward(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 4]))
 
 
-def test_frozen_encoder_and_llm_packed_checkpointed_train_the_projector(make_model, make_samples):
+def test_frozen_encoder_and_llm_packed_checkpointed_train_the_projector(make_model, make_encoded):
     """tiny-audio setting on the training path: packed row, varlen, checkpointing, chunked loss."""
     model = make_model(
         attn_implementation="varlen", freeze=["^encoder\\.", "^llm\\."], gradient_checkpointing=True
     ).train()
-    batch = collate_packed(_encoded(model, make_samples), model.audio_token_counter())
+    batch = collate_packed(_encoded(model, make_encoded), model.audio_token_counter())
     feats, lens = model.compute_features(batch["audio_windows"], batch["window_lengths"])
     out = model(
         input_ids=batch["input_ids"],
@@ -174,12 +168,12 @@ def test_frozen_encoder_and_llm_packed_checkpointed_train_the_projector(make_mod
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["varlen", "flash_attention_2"])
-def test_gpu_packed_backend_matches_per_document_reference(make_model, make_samples, backend):
+def test_gpu_packed_backend_matches_per_document_reference(make_model, make_encoded, backend):
     """On CUDA in bf16 the packed kernels (torch varlen / flash-attn) match one SDPA call per document."""
     if backend == "flash_attention_2":
         pytest.importorskip("flash_attn")
     fast = make_model(attn_implementation=backend).cuda().to(torch.bfloat16).eval()
-    samples = _encoded(fast, make_samples)
+    samples = _encoded(fast, make_encoded)
     batch = {
         k: v.cuda() if torch.is_tensor(v) else v
         for k, v in collate_packed(samples, fast.audio_token_counter()).items()
