@@ -84,17 +84,7 @@ class AeroLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _forward(self, batch: dict):
-        feats, feat_lengths = self.model.compute_features(batch["audio_windows"], batch["window_lengths"])
-        return self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),  # absent for packed batches
-            input_features=feats,
-            feature_lengths=feat_lengths,
-            labels=batch.get("labels"),
-            position_ids=batch.get("position_ids"),
-            cu_seqlens=batch.get("cu_seqlens"),
-            return_logits=False,  # loss from hidden states in chunks: no (L, vocab) logits
-        )
+        return self.model.forward_batch(batch, return_logits=False)  # loss in chunks: no (L, vocab) logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Summed token loss normalised by the target tokens of the whole global batch.

@@ -110,17 +110,7 @@ def measure(model: AeroModel, batches: list[dict], device, dtype, warmup: int, s
             t0 = time.perf_counter()
         on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast:
-            feats, lens = model.compute_features(on_device["audio_windows"], on_device["window_lengths"])
-            out = model(
-                input_ids=on_device["input_ids"],
-                attention_mask=on_device.get("attention_mask"),
-                input_features=feats,
-                feature_lengths=lens,
-                labels=on_device["labels"],
-                position_ids=on_device.get("position_ids"),
-                cu_seqlens=on_device.get("cu_seqlens"),
-                return_logits=False,
-            )
+            out = model.forward_batch(on_device)
         (out.loss_sum / out.num_target_tokens.clamp_min(1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -59,17 +59,7 @@ def train(model: AeroModel, batches: list[dict], seconds: float) -> dict:
     model.train()
 
     def step(batch):
-        feats, lens = model.compute_features(batch["audio_windows"], batch["window_lengths"])
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            input_features=feats,
-            feature_lengths=lens,
-            labels=batch["labels"],
-            position_ids=batch.get("position_ids"),
-            cu_seqlens=batch.get("cu_seqlens"),
-            return_logits=False,
-        )
+        out = model.forward_batch(batch)
         (out.loss_sum / out.num_target_tokens.clamp_min(1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -485,6 +485,29 @@ class AeroModel(nn.Module):
             ctc = self._ctc_loss(encoded, input_ids, labels, cu_seqlens)
         return AeroOutput(logits=logits, loss_sum=loss_sum, num_target_tokens=num_targets, ctc_loss=ctc)
 
+    def forward_batch(self, batch: Mapping, return_logits: bool = False) -> AeroOutput:
+        """Log-mel + :meth:`forward` on a collated batch (padded or packed, see :mod:`aero_lightning.data.packing`).
+
+        Args:
+            batch: ``input_ids``, ``labels``, ``audio_windows``, ``window_lengths`` and ``attention_mask`` (padded)
+                or ``position_ids`` + ``cu_seqlens`` (packed), already on the model's device.
+            return_logits: see :meth:`forward` (False: loss only, no full logits).
+
+        Returns:
+            :class:`AeroOutput`.
+        """
+        feats, feat_lengths = self.compute_features(batch["audio_windows"], batch["window_lengths"])
+        return self(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),  # absent for packed batches
+            input_features=feats,
+            feature_lengths=feat_lengths,
+            labels=batch.get("labels"),
+            position_ids=batch.get("position_ids"),
+            cu_seqlens=batch.get("cu_seqlens"),
+            return_logits=return_logits,
+        )
+
     @torch.no_grad()
     def generate(
         self,

@@ -105,37 +105,3 @@ def test_packed_and_padded_carry_the_same_documents(tokenizer, make_encoded):
     flat = padded["labels"][mask].clone()
     flat[starts] = IGNORE_INDEX
     assert torch.equal(packed["labels"][0], flat)
-
-
-def test_packed_loss_equals_documents_run_alone(model, tokenizer, make_encoded):
-    """The packed forward gives each document the loss and logits it gets alone (fp32, CPU, sdpa)."""
-    model.eval()
-    samples = make_encoded(model.tokenizer, model.audio_token_counter(), [0.7, 2.3, 1.1])
-    counter = model.audio_token_counter()
-    packed = collate_packed(samples, counter)
-    feats, lens = model.compute_features(packed["audio_windows"], packed["window_lengths"])
-    out = model(
-        input_ids=packed["input_ids"],
-        input_features=feats,
-        feature_lengths=lens,
-        labels=packed["labels"],
-        position_ids=packed["position_ids"],
-        cu_seqlens=packed["cu_seqlens"],
-    )
-    cu = packed["cu_seqlens"].tolist()
-    loss_sum, targets = 0.0, 0
-    for d, s in enumerate(samples):
-        single = collate_padded([s], counter, pad_id=tokenizer.pad_token_id)
-        f, fl = model.compute_features(single["audio_windows"], single["window_lengths"])
-        alone = model(
-            input_ids=single["input_ids"],
-            attention_mask=single["attention_mask"],
-            input_features=f,
-            feature_lengths=fl,
-            labels=single["labels"],
-        )
-        torch.testing.assert_close(out.logits[0, cu[d] : cu[d + 1]], alone.logits[0], atol=1e-5, rtol=1e-5)
-        loss_sum += float(alone.loss_sum.detach())
-        targets += int(alone.num_target_tokens)
-    assert int(out.num_target_tokens) == targets
-    assert float(out.loss_sum) == pytest.approx(loss_sum, rel=1e-5)

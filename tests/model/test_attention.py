@@ -18,28 +18,12 @@ def _encoded(model, make_encoded, durations=DURATIONS):
 
 def _packed_forward(model, samples):
     batch = collate_packed(samples, model.audio_token_counter())
-    feats, lens = model.compute_features(batch["audio_windows"], batch["window_lengths"])
-    out = model(
-        input_ids=batch["input_ids"],
-        input_features=feats,
-        feature_lengths=lens,
-        labels=batch["labels"],
-        position_ids=batch["position_ids"],
-        cu_seqlens=batch["cu_seqlens"],
-    )
-    return out, batch
+    return model.forward_batch(batch, return_logits=True), batch
 
 
 def _alone_forward(model, sample):
     batch = collate_padded([sample], model.audio_token_counter(), pad_id=model.tokenizer.pad_token_id)
-    feats, lens = model.compute_features(batch["audio_windows"], batch["window_lengths"])
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        input_features=feats,
-        feature_lengths=lens,
-        labels=batch["labels"],
-    )
+    return model.forward_batch(batch, return_logits=True)
 
 
 def _pair(make_model, backend):
@@ -150,16 +134,7 @@ def test_frozen_encoder_and_llm_packed_checkpointed_train_the_projector(make_mod
         attn_implementation="varlen", freeze=["^encoder\\.", "^llm\\."], gradient_checkpointing=True
     ).train()
     batch = collate_packed(_encoded(model, make_encoded), model.audio_token_counter())
-    feats, lens = model.compute_features(batch["audio_windows"], batch["window_lengths"])
-    out = model(
-        input_ids=batch["input_ids"],
-        input_features=feats,
-        feature_lengths=lens,
-        labels=batch["labels"],
-        position_ids=batch["position_ids"],
-        cu_seqlens=batch["cu_seqlens"],
-        return_logits=False,
-    )
+    out = model.forward_batch(batch)  # the training path: chunked loss, no logits
     out.loss.backward()
     assert model.projector.fc1.weight.grad.abs().sum() > 0 and model.projector.fc2.weight.grad.abs().sum() > 0
     assert [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None] == []
