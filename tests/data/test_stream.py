@@ -267,3 +267,22 @@ def test_lightning_resume_sees_the_same_samples_as_an_uninterrupted_run(make_mod
     resumed = _fit(make_model(), corpora, tmp_path / "resumed", max_steps=8, ckpt_path=str(ckpt))
     assert len(uninterrupted) == 8 and len(first) == 3 and len(resumed) == 5
     assert first + resumed == uninterrupted
+
+
+def test_shards_split_by_rank_and_worker(tokenizer, tmp_path, monkeypatch):
+    """With enough shards every (rank, worker) reads its own; with too few they share all and differ by seed."""
+    corpora = _corpora(tmp_path)  # a: 3 shards, b: 2 shards
+    stream = _stream(tokenizer, corpora)
+    assert stream._split(0, 2) == {"a": corpora["a"][0::2], "b": corpora["b"][0:1]}
+    assert stream._split(1, 2) == {"a": corpora["a"][1::2], "b": corpora["b"][1:2]}
+    assert stream._split(2, 3) == {"a": corpora["a"][2:3], "b": corpora["b"]}  # b: 2 shards < 3 readers
+
+    def keys_of_rank(rank: int) -> set[str]:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        return {k for b in islice(iter(_stream(tokenizer, corpora)), 6) for k in b["keys"]}
+
+    rank0, rank1 = keys_of_rank(0), keys_of_rank(1)
+    shard_of = {k: k.split("_")[0] for k in rank0 | rank1}  # "a0_3" -> "a0": corpus + shard index
+    assert {shard_of[k] for k in rank0} <= {"a0", "a2", "b0"}
+    assert {shard_of[k] for k in rank1} <= {"a1", "b1"}
