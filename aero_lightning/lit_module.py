@@ -124,7 +124,12 @@ class AeroLitModule(L.LightningModule):
         self._val_sums: dict[str, list] = {}
 
     def on_validation_epoch_end(self) -> None:
-        for name, (loss_sum, count) in self._val_sums.items():
+        # every rank gathers every configured set, in the same order, even one it got no shard of: a rank that
+        # skipped a set must not skip the collective (16 ranks, 3 dev-clean shards)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = list(getattr(datamodule, "val_dirs", {}) or self._val_sums)
+        for name in names:
+            loss_sum, count = self._val_sums.get(name, (0.0, 0))
             sums = self.all_gather(torch.tensor([loss_sum, float(count)], device=self.device))
             if sums.ndim > 1:
                 sums = sums.sum(0)

@@ -86,7 +86,8 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
         feature_lengths = feature_lengths.to(input_features.device)
         frame_idx = torch.arange(num_frames, device=input_features.device)
         valid = frame_idx[None, :] < feature_lengths[:, None]  # (W, T)
-        x = input_features * valid[:, None, :].to(input_features.dtype)
+        # the conv stem's dtype: under DeepSpeed bf16 the weights are bf16 with no autocast and log-mel is fp32
+        x = (input_features * valid[:, None, :].to(input_features.dtype)).to(self.conv1.weight.dtype)
         if not padding_free:
             x = nn.functional.pad(x, (0, max_frames - num_frames))  # (W, n_mels, 3000)
 
