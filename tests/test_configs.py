@@ -38,7 +38,12 @@ def _compose(experiment: str, run_dir: Path, overrides: tuple[str, ...] = ()) ->
 
 
 def test_experiments_exist():
-    assert {"demo", "aero_full"} <= set(EXPERIMENTS)
+    assert {"demo", "aero_full", "ablation_packing", "ablation_encoder", "ablation_zero"} <= set(EXPERIMENTS)
+
+
+def test_aero_full_nodes_and_devices_from_the_command_line(tmp_path):
+    cfg = _compose("aero_full", tmp_path, overrides=("trainer.devices=4", "trainer.num_nodes=4"))
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 4)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -48,7 +53,10 @@ def test_experiment_composes_and_resolves(experiment, tmp_path, monkeypatch):
     assert cfg.task_name == experiment
     assert cfg.paths.root_dir == str(tmp_path)
     assert cfg.paths.output_dir == str(tmp_path / "outputs")
-    assert cfg.model._target_ == "aero_lightning.model.aero.AeroModel.from_components"
+    assert cfg.model._target_ in (
+        "aero_lightning.model.aero.AeroModel.from_components",
+        "aero_lightning.model.ssl_encoders.build_aero_model",  # any encoder type (ablation_encoder)
+    )
     for key in ("encoder", "llm", "projector"):
         assert key in cfg.model
     projector = instantiate(cfg.model.projector)(encoder_dim=16, llm_dim=8)
@@ -75,7 +83,9 @@ def test_aero_full_states_whisper_large_v3_and_qwen2_5_1_5b(tmp_path):
     assert sum(p.numel() for p in projector.parameters()) == 1280 * 1536 + 1536
     assert cfg.trainer.devices * cfg.trainer.num_nodes == 16
     assert cfg.trainer.precision == "bf16-mixed"
-    assert cfg.strategy._target_ == "lightning.pytorch.strategies.DDPStrategy"
+    assert cfg.strategy._target_ == "aero_lightning.strategies.AeroDeepSpeedStrategy"
+    assert cfg.strategy.stage == 2 and not cfg.strategy.offload_optimizer  # ZeRO-2, as Aero trained
+    assert cfg.model.liger is True and cfg.model.gradient_checkpointing is True
     assert cfg.model.freeze == []  # full fine-tuning
 
 

@@ -22,12 +22,26 @@ def build_strategy(cfg: DictConfig):
     return cfg.get("name", "auto")
 
 
+def build_plugins(cfg: DictConfig | None) -> list:
+    """The ``plugins`` group: each entry instantiated; entries that build None (not applicable here) are dropped.
+
+    ``plugins.slurm`` is Lightning's ``SLURMEnvironment`` with auto-requeue under ``srun`` and None elsewhere
+    (:func:`aero_lightning.strategies.slurm_environment`).
+    """
+    built = [instantiate(c) for c in (cfg or {}).values() if c is not None]
+    return [p for p in built if p is not None]
+
+
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """Instantiate the Lightning Trainer with the callbacks, loggers and strategy groups."""
+    """Instantiate the Lightning Trainer with the callbacks, loggers, plugins and strategy groups."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg.strategy)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        strategy=build_strategy(cfg.strategy),
+        plugins=build_plugins(cfg.get("plugins")) or None,
     )
 
 

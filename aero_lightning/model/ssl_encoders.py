@@ -1,0 +1,273 @@
+"""Self-supervised speech encoders (HuBERT, wav2vec 2.0) as AeroModel audio encoders.
+
+HF ``HubertModel`` / ``Wav2Vec2Model`` (Hsu et al. 2021, arXiv:2106.07447; Baevski et al. 2020, arXiv:2006.11477)
+read the raw 16 kHz waveform through a strided conv stack (7 convs, total stride 320 samples, receptive field 400)
+and give 50 frames per second, the rate of Whisper's encoder. :class:`SSLAudioEncoder` makes them drop-in for the
+Whisper adapter: windows in, ``(W, S, D)`` frames and ``(W,)`` valid lengths out, with exactly as many frames per
+window as Whisper would give (``ceil(ceil(samples / 160) / 2)``), so ``AeroModel.audio_token_counter()`` and the
+data pipeline's token budgets hold unchanged. Each window is zero-padded on the right to the length the conv stack
+needs for that many frames.
+
+The encoders take waveforms, not log-mel: :func:`build_aero_model` swaps ``AeroModel.feature_extractor`` for
+:class:`WaveformWindows`, which hands the 30 s waveform windows through unchanged (``AeroModel.compute_features``
+then returns waveforms, and ``AeroModel._encode`` passes them to this encoder). ``model._target_`` of
+``conf/experiment/ablation_encoder.yaml`` points at :func:`build_aero_model`, which builds a Whisper model exactly
+as ``AeroModel.from_components`` does and an SSL one otherwise (``model.encoder.type``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from aero_lightning.data.features import HOP_LENGTH
+from aero_lightning.model.aero import AeroModel, check_architecture
+from aero_lightning.model.projector import Projector
+
+logger = logging.getLogger(__name__)
+
+SSL_TYPES = ("hubert", "wav2vec2")
+WHISPER_ENCODER_DOWNSAMPLE = 2  # Whisper: one encoder frame per 2 log-mel frames of 160 samples
+
+
+def whisper_frames(num_samples: torch.Tensor | int) -> torch.Tensor | int:
+    """Encoder frames Whisper gives for a window of ``num_samples`` samples: ``ceil(ceil(n / 160) / 2)``."""
+    if isinstance(num_samples, torch.Tensor):
+        mel = (num_samples + HOP_LENGTH - 1) // HOP_LENGTH
+        return (mel + WHISPER_ENCODER_DOWNSAMPLE - 1) // WHISPER_ENCODER_DOWNSAMPLE
+    mel = -(-int(num_samples) // HOP_LENGTH)
+    return -(-mel // WHISPER_ENCODER_DOWNSAMPLE)
+
+
+def conv_geometry(kernels: Sequence[int], strides: Sequence[int]) -> tuple[int, int]:
+    """Receptive field and total stride (samples) of a stack of unpadded 1-D convolutions.
+
+    Args:
+        kernels: kernel size of each conv, input side first (wav2vec 2.0: 10, 3, 3, 3, 3, 2, 2).
+        strides: stride of each conv (5, 2, 2, 2, 2, 2, 2).
+
+    Returns:
+        ``(receptive_field, stride)``: ``n = receptive_field + (F - 1) * stride`` samples give exactly ``F`` output
+        frames (400 and 320 for wav2vec 2.0 / HuBERT).
+    """
+    field, jump = 1, 1
+    for k, s in zip(kernels, strides):
+        field += (k - 1) * jump
+        jump *= s
+    return field, jump
+
+
+class WaveformWindows(nn.Module):
+    """Feature extractor for waveform encoders: returns the 30 s windows unchanged.
+
+    Replaces ``AeroModel.feature_extractor`` (a log-mel module) so that ``compute_features`` hands the encoder
+    ``(W, N)`` float32 waveforms and ``(W,)`` sample counts.
+    """
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, N)`` waveforms and ``(W,)`` valid samples, unchanged (waveforms as float32, lengths as int64)."""
+        return waveforms.float(), lengths.to(device=waveforms.device, dtype=torch.long)
+
+
+class _FlopsConfig:
+    """The HF config, plus the Whisper names ``aero_lightning.model.flops.count_params`` reads."""
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getattr__(self, name):
+        if name == "encoder_layers":
+            return self._config.num_hidden_layers
+        if name == "d_model":
+            return self._config.hidden_size
+        return getattr(self._config, name)
+
+
+class SSLAudioEncoder(nn.Module):
+    """HuBERT / wav2vec 2.0 adapter with the Whisper adapter's interface: waveform windows in, 50 Hz frames out.
+
+    Args:
+        encoder: a loaded HF ``HubertModel`` or ``Wav2Vec2Model``.
+        normalize: zero-mean unit-variance normalisation of each window over its valid samples, as
+            ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does for the large checkpoints (``hubert-large-ll60k``,
+            ``wav2vec2-large-lv60``).
+
+    The attention mask marks each window's valid samples, so frames never attend to another window's padding;
+    checkpoints whose conv stack uses group norm over time (``feat_extract_norm="group"``, the base models) still
+    see padding in that norm, so windows padded in a batch differ slightly from windows run alone (HF documents the
+    same). :meth:`from_pretrained` turns LayerDrop off and SpecAugment off by default (and then freezes the unused
+    ``masked_spec_embed``): both leave parameters without a gradient in some steps, which DDP and ZeRO reject.
+    """
+
+    num_mel_bins = 80  # AeroModel builds a log-mel module from it; build_aero_model replaces that module
+
+    def __init__(self, encoder: PreTrainedModel, normalize: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        self.normalize = normalize
+        self.receptive_field, self.stride = conv_geometry(
+            encoder.config.conv_kernel, encoder.config.conv_stride
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        normalize: bool = True,
+        attn_implementation: str = "sdpa",
+        torch_dtype: str | torch.dtype | None = None,
+        spec_augment: bool = False,
+    ) -> SSLAudioEncoder:
+        """Load a HuBERT or wav2vec 2.0 checkpoint (hub id or local folder) with ``AutoModel``.
+
+        Args:
+            name_or_path: hub id (``facebook/hubert-large-ll60k``) or folder.
+            normalize: see the class.
+            attn_implementation: transformers attention backend of the encoder.
+            torch_dtype: storage dtype (None: the checkpoint's).
+            spec_augment: keep the checkpoint's SpecAugment masking in training mode (``mask_time_prob``);
+                LayerDrop is always off.
+
+        Raises:
+            OSError: from transformers when the id or folder cannot be found.
+            ValueError: if the checkpoint is not a HuBERT / wav2vec 2.0 model.
+        """
+        config = AutoConfig.from_pretrained(name_or_path)
+        if config.model_type not in SSL_TYPES:
+            raise ValueError(
+                f"{name_or_path} is a '{config.model_type}' model; SSLAudioEncoder takes {SSL_TYPES}"
+            )
+        config.layerdrop = 0.0
+        config.apply_spec_augment = bool(spec_augment) and config.apply_spec_augment
+        kwargs = {"config": config, "attn_implementation": attn_implementation}
+        if torch_dtype is not None:
+            kwargs["dtype"] = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+        encoder = AutoModel.from_pretrained(name_or_path, **kwargs)
+        spec_embed = getattr(encoder, "masked_spec_embed", None)
+        if spec_embed is not None and not config.apply_spec_augment:
+            spec_embed.requires_grad_(False)  # never used without SpecAugment: no gradient, not trained
+        return cls(encoder, normalize=normalize)
+
+    @property
+    def config(self) -> _FlopsConfig:
+        return _FlopsConfig(self.encoder.config)
+
+    @property
+    def hidden_size(self) -> int:
+        """Output width."""
+        return self.encoder.config.hidden_size
+
+    def output_lengths(self, num_samples: torch.Tensor | int) -> torch.Tensor | int:
+        """Frames per window (Whisper's count, :func:`whisper_frames`)."""
+        return whisper_frames(num_samples)
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode waveform windows.
+
+        Args:
+            waveforms: ``(W, N)`` float 16 kHz windows, N <= 480 000 samples; samples past a window's length are
+                ignored.
+            lengths: ``(W,)`` valid samples per window, >= 1.
+
+        Returns:
+            ``(W, S, D)`` hidden states with ``S = max(frames)`` and ``(W,)`` valid frames
+            ``frames = ceil(ceil(lengths / 160) / 2)``; rows are valid up to their frame count.
+        """
+        device = waveforms.device
+        lengths = lengths.to(device=device, dtype=torch.long)
+        frames = whisper_frames(lengths)  # (W,)
+        needed = self.receptive_field + (frames - 1) * self.stride  # (W,) samples giving exactly `frames`
+        total = int(needed.max())
+        x = waveforms.float()[:, :total]
+        x = nn.functional.pad(x, (0, total - x.shape[1]))  # (W, total)
+        idx = torch.arange(total, device=device)[None, :]
+        valid = idx < lengths[:, None]  # (W, total) real samples
+        x = x * valid
+        if self.normalize:
+            count = lengths[:, None].to(x.dtype)
+            mean = x.sum(-1, keepdim=True) / count
+            var = ((x - mean) * valid).pow(2).sum(-1, keepdim=True) / count
+            x = (x - mean) / torch.sqrt(var + 1e-7) * valid  # (W, total)
+        attention_mask = (idx < needed[:, None]).long()  # (W, total): what the conv stack may use
+        dtype = next(self.encoder.parameters()).dtype
+        hidden = self.encoder(x.to(dtype), attention_mask=attention_mask).last_hidden_state  # (W, S, D)
+        return hidden, frames
+
+
+def build_aero_model(
+    encoder: Mapping,
+    llm: Mapping,
+    projector: Callable[..., Projector],
+    freeze: Sequence[str] = (),
+    gradient_checkpointing: bool = False,
+    end_of_turn_token: str = "<|im_end|>",
+    ctc_weight: float = 0.0,
+    attn_implementation: str | None = None,
+    liger: Mapping | bool | None = None,
+    loss_chunk_tokens: int = 4096,
+) -> AeroModel:
+    """``AeroModel.from_components`` for any encoder type (``encoder.type``: ``whisper`` default, ``hubert``,
+    ``wav2vec2``).
+
+    Whisper goes to ``AeroModel.from_components`` unchanged. An SSL encoder is loaded with
+    :meth:`SSLAudioEncoder.from_pretrained` (its own ``attn_implementation``, ``sdpa`` by default:
+    ``attn_implementation`` applies to the LLM only), the LLM and tokenizer as ``from_components`` loads them, and the
+    model's log-mel extractor is replaced by :class:`WaveformWindows`.
+
+    Args:
+        encoder: ``{"type", "name_or_path", "normalize", "spec_augment", "attn_implementation", "torch_dtype",
+            "expect"}``; Whisper
+            keys as in ``AeroModel.from_components``.
+        llm, projector, freeze, gradient_checkpointing, end_of_turn_token, ctc_weight, attn_implementation, liger,
+            loss_chunk_tokens: as in ``AeroModel.from_components``.
+
+    Returns:
+        The :class:`~aero_lightning.model.aero.AeroModel`.
+
+    Raises:
+        ValueError: for an unknown ``encoder.type`` or an architecture that does not match ``expect``.
+        OSError: from transformers when a checkpoint cannot be loaded.
+    """
+    kind = encoder.get("type", "whisper")
+    common = {
+        "freeze": freeze,
+        "gradient_checkpointing": gradient_checkpointing,
+        "end_of_turn_token": end_of_turn_token,
+        "ctc_weight": ctc_weight,
+        "liger": liger,
+        "loss_chunk_tokens": loss_chunk_tokens,
+    }
+    if kind == "whisper":
+        whisper = {k: v for k, v in encoder.items() if k != "type"}
+        return AeroModel.from_components(
+            whisper, llm, projector, attn_implementation=attn_implementation, **common
+        )
+    if kind not in SSL_TYPES:
+        raise ValueError(f"model.encoder.type must be 'whisper' or one of {SSL_TYPES}, got {kind!r}")
+    enc = SSLAudioEncoder.from_pretrained(
+        encoder["name_or_path"],
+        normalize=encoder.get("normalize", True),
+        attn_implementation=encoder.get("attn_implementation") or "sdpa",
+        torch_dtype=encoder.get("torch_dtype"),
+        spec_augment=encoder.get("spec_augment", False),
+    )
+    if enc.encoder.config.model_type != kind:
+        raise ValueError(
+            f"model.encoder.type is {kind!r} but {encoder['name_or_path']} is a {enc.encoder.config.model_type}"
+        )
+    check_architecture("encoder", enc.encoder.config, encoder.get("expect"))
+    llm_kwargs = {"attn_implementation": attn_implementation or llm.get("attn_implementation", "sdpa")}
+    if llm.get("torch_dtype") is not None:
+        llm_kwargs["dtype"] = getattr(torch, llm["torch_dtype"])
+    lm = AutoModelForCausalLM.from_pretrained(llm["name_or_path"], **llm_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(llm.get("tokenizer") or llm["name_or_path"])
+    check_architecture("llm", lm.config, llm.get("expect"))
+    proj = projector(encoder_dim=enc.hidden_size, llm_dim=lm.config.hidden_size)
+    model = AeroModel(enc, proj, lm, tokenizer, **common)
+    model.feature_extractor = WaveformWindows()
+    logger.info("AeroModel with a %s encoder (%s) reading raw waveforms", kind, encoder["name_or_path"])
+    return model

@@ -1,0 +1,192 @@
+"""Script for tests/test_strategies.py: a few optimizer steps of the tiny model under a distributed strategy on CPU.
+
+``python tests/dist_train.py TINY_DIR OUT.pt STRATEGY WORLD MICRO ACCUM STEPS LR [PRECISION]``: the 4 documents of
+:func:`ddp_grads.documents` are split over ``WORLD`` processes (gloo), each rank training ``MICRO`` documents per
+micro-batch with ``ACCUM`` accumulation steps; the same global batch is trained ``STEPS`` times with AdamW at ``LR``.
+``STRATEGY`` is ``auto`` (one process), ``ddp``, ``fsdp2`` (:class:`~aero_lightning.strategies.FSDP2Strategy`),
+``deepspeed`` (:class:`~aero_lightning.strategies.AeroDeepSpeedStrategy`, ZeRO-2) or ``deepspeed_stock`` (Lightning's
+own ``DeepSpeedStrategy``, ZeRO-2). The DeepSpeed strategies need CUDA; here they run on DeepSpeed's CPU accelerator
+with the CUDA check skipped and without its shared-memory allreduce kernel (a C++ build). Rank 0 writes
+``{"grads": first step's full gradients, "losses": global-batch loss per step, "sharded": ...,
+"generated": greedy ids of 4 new tokens for documents 0-1 after training}``.
+Lightning's launcher re-executes this file once per extra rank (``LOCAL_RANK`` set).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_grads import build_model, documents  # noqa: E402
+
+from aero_lightning.data.datamodule import AccumulationGroups, AsrCollator  # noqa: E402
+from aero_lightning.data.packing import collate_packed  # noqa: E402
+from aero_lightning.strategies import AeroDeepSpeedStrategy, FSDP2AeroLitModule, FSDP2Strategy  # noqa: E402
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Capture(L.Callback):
+    """Full gradients before the first optimizer step; the global-batch loss of every step.
+
+    The module returns ``loss_sum * world * accum / global_tokens`` per micro-batch and Lightning hands
+    ``returned / accum`` to ``on_train_batch_end``; summed over a step's micro-batches and ranks and divided by the
+    world size, that is ``sum of token losses / global target tokens``, the loss of the global batch.
+    """
+
+    def __init__(self, accum: int):
+        self.accum = accum
+        self.grads: dict[str, torch.Tensor] = {}
+        self.losses: list[float] = []
+        self._step_sum = 0.0
+        self._micro = 0
+        self.sharded: dict[str, bool] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads or self._micro + 1 < self.accum:
+            return  # DeepSpeed calls this hook on every micro-batch: keep the accumulation boundary only
+        engine = trainer.strategy.model if isinstance(trainer.strategy, DeepSpeedStrategy) else None
+        for name, p in pl_module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if engine is not None:
+                from deepspeed.utils import safe_get_full_grad
+
+                grad = safe_get_full_grad(p)
+            else:
+                grad = None if p.grad is None else _full(p.grad)
+            if grad is not None:
+                self.grads[name] = grad.detach().float().clone()
+        self.sharded = {n: hasattr(p, "full_tensor") for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._step_sum += float(outputs["loss"])
+        self._micro += 1
+        if self._micro == self.accum:
+            total = torch.tensor(self._step_sum, dtype=torch.float64)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(total)
+            self.losses.append(float(total) / trainer.world_size)
+            self._step_sum, self._micro = 0.0, 0
+
+
+class _CPUDeepSpeedMixin:
+    """Run a DeepSpeed strategy on DeepSpeed's CPU accelerator (tests only)."""
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", self.local_rank)  # DeepSpeed needs a device index; "cpu:N" is the CPU
+
+    def setup_environment(self) -> None:
+        ParallelStrategy.setup_environment(self)  # skips DeepSpeedStrategy's CUDA-only check
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+
+class CPUAeroDeepSpeed(_CPUDeepSpeedMixin, AeroDeepSpeedStrategy):
+    pass
+
+
+class CPUStockDeepSpeed(_CPUDeepSpeedMixin, DeepSpeedStrategy):
+    pass
+
+
+def make_strategy(name: str):
+    if name in ("auto", "ddp"):
+        return name
+    if name == "fsdp2":
+        return FSDP2Strategy()
+    import deepspeed.comm.torch
+
+    deepspeed.comm.torch.build_shm_op = lambda: (
+        None
+    )  # no C++ build of DeepSpeed's shm allreduce for a CPU test
+    if name == "deepspeed":
+        return CPUAeroDeepSpeed(stage=2, process_group_backend="gloo")
+    if name == "deepspeed_stock":
+        return CPUStockDeepSpeed(
+            stage=2,
+            process_group_backend="gloo",
+            logging_batch_size_per_gpu=1,
+            zero_allow_untested_optimizer=True,
+        )
+    raise ValueError(name)
+
+
+def run(
+    tiny_dir: Path,
+    strategy: str,
+    world: int,
+    micro: int,
+    accum: int,
+    steps: int,
+    lr: float,
+    rank: int = 0,
+    precision: str = "32-true",
+):
+    """Train ``steps`` optimizer steps; returns this rank's :class:`Capture`."""
+    model = build_model(tiny_dir)
+    docs = documents(model)
+    mine = docs[rank * len(docs) // world : (rank + 1) * len(docs) // world]
+    batches = [
+        collate_packed(mine[i : i + micro], model.audio_token_counter()) for i in range(0, len(mine), micro)
+    ]
+    assert len(batches) == accum, (len(batches), accum)
+    capture = Capture(accum)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=make_strategy(strategy),
+        max_steps=steps,
+        precision=precision,
+        accumulate_grad_batches=accum,
+        gradient_clip_val=None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[capture],
+        use_distributed_sampler=False,
+    )
+    loader = AccumulationGroups([dict(b) for _ in range(steps) for b in batches], accum)
+    module = FSDP2AeroLitModule(model, lr=lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0)
+    trainer.fit(module, train_dataloaders=loader)
+    capture.generated = generate(module.model, docs[:2] if rank == 0 else docs[2:])
+    return capture
+
+
+@torch.no_grad()
+def generate(model, docs: list[dict]) -> list[list[int]]:
+    """Greedy decoding of exactly 4 new tokens: every rank runs the same number of forward passes (FSDP2 gathers
+    parameters in each one)."""
+    model.eval()
+    batch = AsrCollator(model.tokenizer, model.audio_token_counter(), for_generation=True)(docs)
+    feats, lengths = model.compute_features(batch["audio_windows"], batch["window_lengths"])
+    ids = model.generate(
+        batch["input_ids"], batch["attention_mask"], feats, lengths, max_new_tokens=4, min_new_tokens=4
+    )
+    return ids.tolist()
+
+
+if __name__ == "__main__":
+    tiny, out, strategy = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    world, micro, accum, steps = map(int, sys.argv[4:8])
+    lr = float(sys.argv[8])
+    precision = sys.argv[9] if len(sys.argv) > 9 else "32-true"
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    capture = run(tiny, strategy, world, micro, accum, steps, lr, rank=rank, precision=precision)
+    if rank == 0:
+        result = {"grads": capture.grads, "losses": capture.losses, "sharded": capture.sharded}
+        torch.save(result | {"generated": capture.generated}, out)

@@ -1,0 +1,230 @@
+"""Hydra multirun: two tiny jobs through the basic (local) launcher; the ablation experiments sweep by themselves
+(their arms, and a real CPU multirun of each with the tiny model); the SLURM launcher config renders the sbatch
+script submitit would submit."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from aero_lightning.data.synth import build_demo_corpus
+from aero_lightning.model.tiny import build_tiny_components, corpus_texts
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ssl_tiny import build_tiny_ssl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TINY_ENCODER = {"d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
+TINY_LLM = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
+
+
+@pytest.fixture(scope="module")
+def demo_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multirun")
+    corpus = root / "corpus"
+    build_demo_corpus(corpus, num_train=24, num_val=4, num_test=4, seed=0, shard_size=8, progress=False)
+    model = root / "model"
+    build_tiny_components(model, corpus_texts(corpus), vocab_size=300, encoder=TINY_ENCODER, llm=TINY_LLM)
+    return root, corpus, model
+
+
+def _multirun(*overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "AERO_ROOT"}
+    return subprocess.run(
+        [sys.executable, "train.py", "-m", *overrides],
+        cwd=ROOT,
+        env=env | {"HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _tiny(corpus: Path, model: Path) -> list[str]:
+    """CPU-sized overrides: tiny model and corpus, one batch through fit, validation and test."""
+    return [
+        f"paths.demo_corpus_dir={corpus}",
+        f"paths.demo_model_dir={model}",
+        "data.num_workers=0",
+        "data.eval_batch_size=4",
+        "trainer.enable_progress_bar=false",
+        "trainer.fast_dev_run=true",
+        "module.max_new_tokens=8",
+        "hydra/launcher=basic",
+    ]
+
+
+def _jobs(sweep: Path) -> dict[int, dict]:
+    """``{job number: result.json}`` of a sweep folder (``<sweep>/<num>/``)."""
+    return {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/result.json")}
+
+
+def test_two_tiny_jobs_through_the_basic_launcher(demo_env, tmp_path):
+    _, corpus, model = demo_env
+    sweep = tmp_path / "sweep"
+    proc = _multirun(
+        "experiment=demo",
+        *_tiny(corpus, model),
+        "data.packing.packing_length=400",
+        "data.packing.buffer_size=16",
+        f"hydra.sweep.dir={sweep}",
+        "seed=1,2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = _jobs(sweep)
+    assert sorted(jobs) == [0, 1]
+    for num, seed in ((0, 1), (1, 2)):
+        assert jobs[num]["output_dir"] == str(sweep / str(num))
+        assert jobs[num]["test"]["num_samples"] == 4
+        assert yaml.safe_load((sweep / str(num) / "config.yaml").read_text())["seed"] == seed
+        overrides = yaml.safe_load((sweep / str(num) / ".hydra" / "overrides.yaml").read_text())
+        assert f"seed={seed}" in overrides
+
+
+# ------------------------------------------------------------------------------------------------ ablations
+def _sweep_jobs(experiment: str) -> list[list[str]]:
+    """The job overrides Hydra's basic sweeper makes of an experiment's ``hydra.sweeper.params``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def _job_config(experiment: str, job: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={experiment}", *job], return_hydra_config=True)
+
+
+def test_ablation_packing_sweeps_padded_4096_and_packed_32768():
+    jobs = _sweep_jobs("ablation_packing")
+    assert len(jobs) == 2
+    arms = [_job_config("ablation_packing", job).data.packing for job in jobs]
+    assert [(a.mode, a.packing_length) for a in arms] == [("padded", 4096), ("packed", 32768)]
+    cfg = _job_config("ablation_packing", jobs[0])
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.nodes == 1
+    assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 8
+    assert cfg.strategy.stage == 2 and cfg.trainer.precision == "bf16-mixed"  # otherwise the aero_full recipe
+
+
+def test_ablation_zero_sweeps_stages_1_2_3():
+    jobs = _sweep_jobs("ablation_zero")
+    assert jobs == [[f"strategy=deepspeed_zero{s}"] for s in (1, 2, 3)]
+    stages = [_job_config("ablation_zero", job).strategy.stage for job in jobs]
+    assert stages == [1, 2, 3]
+
+
+def test_ablation_encoder_sweeps_whisper_hubert_wav2vec2():
+    jobs = _sweep_jobs("ablation_encoder")
+    assert len(jobs) == 3
+    encoders = [_job_config("ablation_encoder", job).model.encoder for job in jobs]
+    assert [e.get("type", "whisper") for e in encoders] == ["whisper", "hubert", "wav2vec2"]
+    assert [e.name_or_path for e in encoders] == [
+        "openai/whisper-large-v3",
+        "facebook/hubert-large-ll60k",
+        "facebook/wav2vec2-large-lv60",
+    ]
+    cfg = _job_config("ablation_encoder", jobs[1])
+    assert cfg.model._target_ == "aero_lightning.model.ssl_encoders.build_aero_model"
+
+
+def _cpu_aero(corpus: Path, model: Path) -> list[str]:
+    """Shrink an aero_full-based experiment to the tiny model on CPU (one process, fp32, no DeepSpeed)."""
+    return [
+        *_tiny(corpus, model),
+        "model/encoder=demo_tiny",
+        "model/llm=demo_tiny",
+        "model/projector=mlp_stack",
+        "data=demo",
+        "model.liger=false",
+        "model.gradient_checkpointing=false",
+        "strategy=auto",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.devices=1",
+        "trainer.num_nodes=1",
+    ]
+
+
+def test_ablation_packing_multirun_runs_both_arms_on_cpu(demo_env, tmp_path):
+    """`python train.py -m experiment=ablation_packing` with the tiny model: the experiment's own sweep runs."""
+    _, corpus, model = demo_env
+    sweep = tmp_path / "packing"
+    proc = _multirun("experiment=ablation_packing", *_cpu_aero(corpus, model), f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(_jobs(sweep)) == [0, 1]
+    packing = [
+        yaml.safe_load((sweep / str(n) / "config.yaml").read_text())["data"]["packing"] for n in (0, 1)
+    ]
+    assert [(p["mode"], p["packing_length"]) for p in packing] == [("padded", 4096), ("packed", 32768)]
+
+
+def test_ablation_encoder_multirun_trains_whisper_and_hubert_on_cpu(demo_env, tmp_path):
+    """The ablation_encoder experiment through train.py with a tiny Whisper and a tiny HuBERT encoder: fit,
+    validation and test decoding run for both (the HuBERT arm reads raw waveforms)."""
+    _, corpus, model = demo_env
+    hubert = build_tiny_ssl(tmp_path / "hubert", "hubert")
+    sweep = tmp_path / "encoder"
+    arms = (
+        f"{{type:whisper,name_or_path:{model}/encoder,expect:null}},"
+        f"{{type:hubert,name_or_path:{hubert},attn_implementation:sdpa,expect:null}}"
+    )
+    proc = _multirun(
+        "experiment=ablation_encoder",
+        *_cpu_aero(corpus, model),
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweeper.params=null",  # instead of the hub checkpoints, these two tiny arms:
+        f"++model.encoder={arms}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = _jobs(sweep)
+    assert sorted(jobs) == [0, 1]
+    assert all(j["test"]["num_samples"] == 4 for j in jobs.values())
+    assert "AeroModel with a hubert encoder" in (sweep / "1" / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ SLURM launcher
+def test_aero_slurm_launcher_renders_the_sbatch_submitit_submits(tmp_path, monkeypatch):
+    """hydra/launcher=aero_slurm -> submitit's sbatch text: one task per GPU, SIGUSR1 120 s before the end (not
+    submitit's USR2), requeueable, appended logs."""
+    submitit = pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "srun").chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=ablation_zero",
+                "hydra.launcher.partition=h100",
+                f"hydra.sweep.dir={tmp_path}",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = dict(cfg.hydra.launcher)
+    assert launcher.pop("_target_") == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    params = {k: v for k, v in launcher.items() if k not in ("submitit_folder", "max_num_timeout")}
+    params["name"] = "ablation_zero"
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    # the plugin maps its keys the same way: shared ones as is, the others with the "slurm_" prefix
+    shared = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
+              "stderr_to_stdout"}  # fmt: skip
+    executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()})
+    text = executor._executor._make_submission_file_text("python -m job", "uid")
+    flags = {line for line in text.splitlines() if line.startswith("#SBATCH")}
+    assert "#SBATCH --signal=SIGUSR1@120" in flags and not any("USR2" in f for f in flags)
+    assert {"#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --partition=h100"} <= flags
+    assert {"#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"} <= flags
