@@ -7,7 +7,8 @@ per-dataset ``run_eval.py`` scripts):
    Recognition via Large-Scale Weak Supervision", appendix C). The PyPI package ``whisper-normalizer`` ships the
    British -> American spelling map that the normaliser needs.
 2. Drop samples whose *normalised reference* is empty (e.g. a reference that is only "uh" or "um", which the
-   normaliser removes as fillers).
+   normaliser removes as fillers) or is TED-LIUM's "ignore_time_segment_in_scoring" marker (normalised:
+   "ignore time segment in scoring"; the leaderboard's ``is_target_text_in_range`` drops it too).
 3. Pool errors over the remaining samples of one dataset: WER = (S + D + I) / N_ref, with S/D/I from a word-level
    Levenshtein alignment per utterance (jiwer), summed over utterances. This is *not* the mean of per-utterance WERs.
 4. Report the unweighted mean of the per-dataset WERs.
@@ -21,9 +22,25 @@ from dataclasses import asdict, dataclass
 
 import jiwer
 
-__all__ = ["WERResult", "corpus_wer", "mean_wer", "normalize_english"]
+__all__ = [
+    "IGNORED_REFERENCES",
+    "WERResult",
+    "corpus_wer",
+    "is_scored_reference",
+    "mean_wer",
+    "normalize_english",
+]
 
 _NORMALIZER = None
+
+IGNORED_REFERENCES = frozenset({"ignore time segment in scoring"})
+"""Normalised references that mark unscored segments (TED-LIUM); such samples are dropped like empty ones."""
+
+
+def is_scored_reference(normalized_reference: str) -> bool:
+    """True if a normalised reference counts: not empty and not an ignore marker (:data:`IGNORED_REFERENCES`)."""
+    text = normalized_reference.strip()
+    return bool(text) and text not in IGNORED_REFERENCES
 
 
 def _english_normalizer():
@@ -94,9 +111,9 @@ def corpus_wer(references: Sequence[str], hypotheses: Sequence[str], normalize: 
             whitespace.
 
     Returns:
-        The pooled counts. Pairs whose (normalised) reference is empty are dropped and counted in
-        ``num_dropped``; an empty hypothesis scores all reference words as deletions. If every pair is dropped
-        (or the inputs are empty), ``wer`` is ``float("nan")`` and ``num_samples`` is 0.
+        The pooled counts. Pairs whose (normalised) reference is empty or an ignore marker are dropped and
+        counted in ``num_dropped``; an empty hypothesis scores all reference words as deletions. If every pair
+        is dropped (or the inputs are empty), ``wer`` is ``float("nan")`` and ``num_samples`` is 0.
 
     Raises:
         ValueError: If ``references`` and ``hypotheses`` differ in length.
@@ -109,7 +126,7 @@ def corpus_wer(references: Sequence[str], hypotheses: Sequence[str], normalize: 
     if normalize:
         references = [normalize_english(r) for r in references]
         hypotheses = [normalize_english(h) for h in hypotheses]
-    kept = [(r, h) for r, h in zip(references, hypotheses) if r.strip()]
+    kept = [(r, h) for r, h in zip(references, hypotheses) if is_scored_reference(r)]
     num_dropped = len(references) - len(kept)
     if not kept:
         return WERResult(

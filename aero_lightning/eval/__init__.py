@@ -1,0 +1,1 @@
+"""Evaluation: benchmark registry, sources, long-form builder and batched decoding."""

@@ -1,0 +1,407 @@
+"""Read a benchmark's samples from the hub or a local source, as 16 kHz mono waveforms with references.
+
+Sources (``source`` in a benchmark's config; None = the registry's HF dataset):
+
+- an HF hub id: ``datasets.load_dataset(id, config, split=...)`` (``streaming=True`` reads without a full
+  download; not for long-form, which groups rows by chapter first);
+- a folder written by ``datasets.save_to_disk`` (``dataset_info.json`` / ``state.json`` / ``dataset_dict.json``);
+- a folder of prepared WebDataset shards with ``manifest.json`` (:mod:`aero_lightning.data.prepare`,
+  :mod:`aero_lightning.data.synth`); the reference is the sample's assistant text;
+- a LibriSpeech-layout folder (``*.trans.txt`` + ``*.flac``): utterances, or chapters for long-form benchmarks;
+- a JSON Lines manifest (``.jsonl``): one object per sample, ``{"audio": path, "text": ...}`` for ASR or
+  ``{"audio", "question", "choices": [...], "answer": text|letter|index, "group"}`` for multiple choice; audio paths
+  are relative to the manifest's folder. Optional ``"id"``.
+
+HF audio columns are read undecoded (``Audio(decode=False)``) and decoded with libsndfile, then resampled to 16 kHz
+with soxr. A sample whose audio cannot be read, whose text is missing or whose answer is not among its options is
+skipped and counted by reason (``rejects``), never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aero_lightning.data.audio_io import AudioReadError, load_audio, to_mono_16k
+from aero_lightning.data.chat import reference_text
+from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.eval.benchmarks import BenchmarkSpec
+from aero_lightning.eval.longform import (
+    join_waveforms,
+    librispeech_chapters,
+    load_longform_audio,
+    utterance_order,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalItem", "detect_format", "iter_items"]
+
+TEXT_FALLBACKS = ("text", "sentence", "normalized_text", "transcript", "transcription")
+"""Transcript columns tried in order when the configured one is absent (the leaderboard's ``get_text``)."""
+
+_MAX_LOGGED = 20
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class EvalItem:
+    """One decoded evaluation sample.
+
+    Attributes:
+        key: sample id.
+        waveform: ``(T,)`` float32 at 16 kHz.
+        reference: transcript (ASR).
+        question, choices, answer, group: multiple-choice fields (``answer`` is the 0-based correct option).
+    """
+
+    key: str
+    waveform: np.ndarray
+    reference: str = ""
+    question: str = ""
+    choices: tuple[str, ...] = ()
+    answer: int = -1
+    group: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.waveform) / SAMPLE_RATE_HZ
+
+
+class _Rejects:
+    def __init__(self, counter: Counter):
+        self.counter = counter
+
+    def __call__(self, key: str, reason: str, detail: str = "") -> None:
+        self.counter[reason] += 1
+        if sum(self.counter.values()) <= _MAX_LOGGED:
+            logger.warning("skipping %s: %s %s", key, reason, detail)
+
+
+def detect_format(source: str | os.PathLike) -> str:
+    """``shards``, ``hf_saved``, ``librispeech``, ``jsonl`` or ``hub`` (not a local path) for a source.
+
+    Raises:
+        ValueError: for a local folder of none of the known layouts.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() in (".jsonl", ".json"):
+            return "jsonl"
+        raise ValueError(f"{path}: a file source must be a .jsonl manifest")
+    if not path.is_dir():
+        if _HUB_ID.match(str(source)):
+            return "hub"
+        raise FileNotFoundError(f"benchmark source {path} does not exist (and is not a hub id 'org/name')")
+    if (path / "manifest.json").is_file():
+        return "shards"
+    if any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        return "hf_saved"
+    if next(path.rglob("*.trans.txt"), None) is not None:
+        return "librispeech"
+    raise ValueError(
+        f"{path} is not a known benchmark layout: expected manifest.json (prepared shards), a datasets "
+        "save_to_disk folder, a LibriSpeech folder (*.trans.txt), or a .jsonl manifest file"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- fields
+
+
+def _answer_index(answer: Any, choices: Sequence[str], fmt: str) -> int | None:
+    if answer is None:
+        return None
+    if fmt == "index" or (isinstance(answer, (int, np.integer)) and not isinstance(answer, bool)):
+        idx = int(answer)
+        return idx if 0 <= idx < len(choices) else None
+    text = str(answer).strip()
+    if fmt == "letter" or (
+        len(text) == 1 and text.isalpha() and text.upper() not in [c.strip() for c in choices]
+    ):
+        idx = ord(text.upper()) - ord("A")
+        return idx if 0 <= idx < len(choices) else None
+    stripped = [c.strip() for c in choices]
+    if text in stripped:
+        return stripped.index(text)
+    lowered = [c.lower() for c in stripped]
+    return lowered.index(text.lower()) if text.lower() in lowered else None
+
+
+def _choices_of(row: Mapping[str, Any], spec: BenchmarkSpec, cols: Mapping[str, str]) -> list[str]:
+    if spec.choice_columns:
+        return [
+            str(row[c]).strip() for c in spec.choice_columns if row.get(c) is not None and str(row[c]).strip()
+        ]
+    value = row.get(cols.get("choices", "choices"))
+    if isinstance(value, str):
+        value = json.loads(value)
+    return [str(v) for v in (value or [])]
+
+
+def _choice_item(key, wave, row, spec, cols, reject) -> EvalItem | None:
+    try:
+        choices = _choices_of(row, spec, cols)
+    except (ValueError, TypeError) as err:
+        reject(key, "bad_choices", str(err))
+        return None
+    if len(choices) < 2:
+        reject(key, "bad_choices", f"{len(choices)} option(s)")
+        return None
+    answer = _answer_index(row.get(cols.get("answer", "answer")), choices, spec.answer_format)
+    if answer is None:
+        reject(key, "answer_not_in_choices", f"{row.get(cols.get('answer', 'answer'))!r} not in {choices}")
+        return None
+    question = str(row.get(cols.get("question", "question")) or "").strip()
+    group = str(row.get(cols.get("group", "group")) or "")
+    return EvalItem(key, wave, question=question, choices=tuple(choices), answer=answer, group=group)
+
+
+def _asr_item(key, wave, text, reject) -> EvalItem | None:
+    if text is None:
+        reject(key, "missing_text")
+        return None
+    return EvalItem(key, wave, reference=str(text))
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def _iter_shards(folder: Path, spec: BenchmarkSpec, reject, rejects: Counter) -> Iterator[EvalItem]:
+    import webdataset as wds
+
+    from aero_lightning.data.datamodule import SampleDecoder, resolve_split
+
+    if spec.task != "asr":
+        raise ValueError(
+            f"{spec.name}: prepared shards hold ASR samples; a {spec.task} benchmark needs .jsonl or HF"
+        )
+    decoder = SampleDecoder()
+    dataset = wds.WebDataset(
+        resolve_split(folder), shardshuffle=False, handler=wds.warn_and_continue, empty_check=False
+    )
+    try:
+        for raw in dataset:
+            sample = decoder(raw)
+            if sample is not None:
+                yield EvalItem(
+                    sample["key"], sample["waveform"], reference=reference_text(sample["messages"])
+                )
+    finally:
+        rejects.update(decoder.rejected)
+
+
+def _iter_jsonl(path: Path, spec: BenchmarkSpec, reject) -> Iterator[EvalItem]:
+    base = path.parent
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                reject(f"{path.name}:{n + 1}", "bad_json", str(err))
+                continue
+            key = str(row.get("id") or f"{path.stem}-{n:06d}")
+            if not row.get("audio"):
+                reject(key, "missing_audio")
+                continue
+            try:
+                wave = load_audio(base / row["audio"])
+            except AudioReadError as err:
+                reject(key, "unreadable_audio", str(err))
+                continue
+            cols = {"question": "question", "choices": "choices", "answer": "answer", "group": "group"}
+            item = (
+                _asr_item(key, wave, row.get("text"), reject)
+                if spec.task == "asr"
+                else _choice_item(key, wave, row, spec, cols, reject)
+            )
+            if item is not None:
+                yield item
+
+
+def _iter_librispeech(root: Path, spec: BenchmarkSpec, reject, rejects: Counter) -> Iterator[EvalItem]:
+    from aero_lightning.data.prepare import read_librispeech_folder
+
+    if spec.longform == "librispeech_chapter":
+        chapters, skipped = librispeech_chapters(root)
+        for r in skipped:
+            rejects[r["reason"]] += 1
+        for chapter in chapters:
+            try:
+                wave = load_longform_audio(chapter)
+            except AudioReadError as err:
+                reject(chapter.key, "unreadable_audio", str(err))
+                continue
+            yield EvalItem(chapter.key, wave, reference=chapter.text)
+        return
+    for item in read_librispeech_folder(root):
+        if item.audio_path is None:
+            reject(item.key, "missing_audio")
+            continue
+        try:
+            wave = load_audio(item.audio_path)
+        except AudioReadError as err:
+            reject(item.key, "unreadable_audio", str(err))
+            continue
+        out = _asr_item(item.key, wave, item.text, reject)
+        if out is not None:
+            yield out
+
+
+def _hf_wave(value: Any) -> np.ndarray:
+    if isinstance(value, Mapping):
+        if value.get("array") is not None:
+            return to_mono_16k(np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"]))
+        if value.get("bytes"):
+            return load_audio(value["bytes"])
+        if value.get("path"):
+            return load_audio(value["path"])
+    elif isinstance(value, (bytes, bytearray)):
+        return load_audio(bytes(value))
+    elif isinstance(value, (str, os.PathLike)):
+        return load_audio(value)
+    raise AudioReadError(f"no audio bytes, path or array in a {type(value).__name__} cell")
+
+
+def _load_hf(source: str, kind: str, spec: BenchmarkSpec, split: str, config: str | None, streaming: bool):
+    import datasets
+
+    if kind == "hf_saved":
+        loaded = datasets.load_from_disk(source)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(
+                    f"{source} has splits {sorted(loaded)}, not {split!r}; set the benchmark's split"
+                )
+            loaded = loaded[split]
+        return loaded
+    logger.info(
+        "loading %s (config %s, split %s%s)", source, config, split, ", streaming" if streaming else ""
+    )
+    return datasets.load_dataset(source, config, split=split, streaming=streaming)
+
+
+def _columns(dataset, spec: BenchmarkSpec) -> dict[str, str]:
+    available = list(dataset.column_names or [])
+    cols = dict(spec.columns)
+    if spec.task == "asr" and cols.get("text") not in available:
+        found = next((c for c in TEXT_FALLBACKS if c in available), None)
+        if found is None:
+            raise ValueError(f"{spec.name}: no transcript column among {available} (tried {cols.get('text')!r}, "
+                             f"{', '.join(TEXT_FALLBACKS)})")  # fmt: skip
+        cols["text"] = found
+    if cols.get("audio") not in available:
+        raise ValueError(f"{spec.name}: audio column {cols.get('audio')!r} not in {available}")
+    return cols
+
+
+def _iter_hf(dataset, spec: BenchmarkSpec, reject) -> Iterator[EvalItem]:
+    from datasets import Audio
+
+    cols = _columns(dataset, spec)
+    if isinstance((dataset.features or {}).get(cols["audio"]), Audio):
+        dataset = dataset.cast_column(cols["audio"], Audio(decode=False))
+    if spec.longform == "librispeech_chapter":
+        yield from _iter_hf_chapters(dataset, spec, cols, reject)
+        return
+    for n, row in enumerate(dataset):
+        key = str(row.get(cols.get("id", "id")) or f"{spec.name}-{n:06d}")
+        try:
+            wave = _hf_wave(row[cols["audio"]])
+        except AudioReadError as err:
+            reject(key, "unreadable_audio", str(err))
+            continue
+        if wave.size == 0:
+            reject(key, "empty_audio")
+            continue
+        item = (
+            _asr_item(key, wave, row.get(cols["text"]), reject)
+            if spec.task == "asr"
+            else _choice_item(key, wave, row, spec, cols, reject)
+        )
+        if item is not None:
+            yield item
+
+
+def _iter_hf_chapters(dataset, spec: BenchmarkSpec, cols: Mapping[str, str], reject) -> Iterator[EvalItem]:
+    """Long-form from an HF LibriSpeech copy: group rows by chapter (metadata first), then decode chapter by chapter."""
+    if not hasattr(dataset, "select_columns") or not hasattr(dataset, "__getitem__"):
+        raise ValueError(f"{spec.name}: long-form needs a map-style dataset (streaming=false)")
+    meta = dataset.select_columns([cols["id"]])
+    chapters: dict[str, list[tuple[int, int]]] = {}
+    for i, row in enumerate(meta):
+        try:
+            chapter, number = utterance_order(str(row[cols["id"]]))
+        except ValueError as err:
+            reject(str(row[cols["id"]]), "bad_key", str(err))
+            continue
+        chapters.setdefault(chapter, []).append((number, i))
+    for chapter in sorted(chapters):
+        rows = [dataset[i] for _, i in sorted(chapters[chapter])]
+        try:
+            wave = join_waveforms([_hf_wave(r[cols["audio"]]) for r in rows])
+        except AudioReadError as err:
+            reject(chapter, "unreadable_audio", str(err))
+            continue
+        texts = [r.get(cols["text"]) for r in rows]
+        if any(t is None or not str(t).strip() for t in texts):
+            reject(chapter, "missing_transcript")
+            continue
+        yield EvalItem(chapter, wave, reference=" ".join(str(t).strip() for t in texts))
+
+
+def iter_items(
+    spec: BenchmarkSpec,
+    source: str | os.PathLike | None = None,
+    split: str | None = None,
+    hf_config: str | None = None,
+    streaming: bool = False,
+    max_samples: int | None = None,
+    rejects: Counter | None = None,
+) -> Iterator[EvalItem]:
+    """Samples of a benchmark, decoded to 16 kHz mono, in source order.
+
+    Args:
+        spec: the benchmark.
+        source: a hub id or a local path (module docstring); None = the spec's ``hf_id``.
+        split, hf_config: override the spec's split / config (HF and ``save_to_disk`` sources).
+        streaming: stream an HF hub dataset instead of downloading it.
+        max_samples: stop after this many samples (None: all).
+        rejects: a Counter that receives skipped samples by reason.
+
+    Yields:
+        :class:`EvalItem`.
+
+    Raises:
+        ValueError: if the benchmark has no source (``demo`` needs ``source=``) or a local layout is unknown.
+        FileNotFoundError: for a local path that does not exist.
+    """
+    rejects = rejects if rejects is not None else Counter()
+    reject = _Rejects(rejects)
+    source = str(source) if source is not None else spec.hf_id
+    if source is None:
+        raise ValueError(f"benchmark {spec.name} has no hub copy; set its source to a local folder or .jsonl")
+    kind = detect_format(source)
+    if kind == "shards":
+        items = _iter_shards(Path(source), spec, reject, rejects)
+    elif kind == "jsonl":
+        items = _iter_jsonl(Path(source), spec, reject)
+    elif kind == "librispeech":
+        items = _iter_librispeech(Path(source), spec, reject, rejects)
+    else:
+        dataset = _load_hf(source, kind, spec, split or spec.hf_split, hf_config or spec.hf_config, streaming)
+        items = _iter_hf(dataset, spec, reject)
+    for n, item in enumerate(items):
+        if max_samples is not None and n >= max_samples:
+            break
+        yield item

@@ -1,0 +1,63 @@
+"""transformers configuration of an exported Aero audio LLM (copied into the export folder as remote code).
+
+The config nests the Whisper encoder's config (``encoder_config``) and the causal LM's config (``text_config``, e.g.
+Qwen2) and adds the projector, the prompt and the generation budget used by the ASR pipeline. This file imports
+only transformers, so the export folder loads with ``trust_remote_code=True`` without aero_lightning installed.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+DEFAULT_ASR_PROMPT = "Please recognize the speech and only output the recognized content:"
+
+
+class AeroConfig(PreTrainedConfig):
+    """Config of :class:`AeroForConditionalGeneration`.
+
+    Attributes:
+        encoder_config: the Whisper encoder's config (``model_type: whisper``; only the encoder is built).
+        text_config: the causal LM's config (any ``AutoModelForCausalLM`` type; ``qwen2`` for Aero).
+        projector: ``{"type": "mlp_stack", "stack_factor", "hidden_dim"}`` or ``{"type": "avgpool_linear",
+            "pool"}``.
+        padding_free: encode each 30 s window on its true length (as trained) instead of padding to 30 s.
+        encoder_attn_implementation: attention backend of the encoder (``varlen``: packed windows, one SDPA call
+            per window on CPU; ``sdpa``; ``eager``).
+        end_of_turn_token: the chat template's end-of-turn token; it stops generation.
+        audio_token_id: id of ``<|AUDIO|>``, the slot the projected audio embeddings fill.
+        stop_token_ids: ids that end generation (end-of-turn and eos).
+        generation_pad_token_id: id that pads finished rows during batched generation.
+        llm_generation_config: the trained LLM's generation config (repetition penalty, ...), re-applied on load.
+        asr_prompt: the instruction after the audio in the ASR pipeline.
+        base_new_tokens, chars_per_second, chars_per_token, max_new_tokens_cap: the pipeline's default budget,
+            ``min(cap, base + ceil(duration_s * chars_per_second / chars_per_token))`` new tokens.
+    """
+
+    model_type = "aero_audio_llm"
+    sub_configs_defaults = {
+        "encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    encoder_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    projector: dict | None = None
+    padding_free: bool = True
+    encoder_attn_implementation: str = "sdpa"
+    end_of_turn_token: str = "<|im_end|>"
+    audio_token_id: int | None = None
+    stop_token_ids: list[int] | None = None
+    generation_pad_token_id: int | None = None
+    llm_generation_config: dict | None = None
+    asr_prompt: str = DEFAULT_ASR_PROMPT
+    base_new_tokens: int = 16
+    chars_per_second: float = 25.0
+    chars_per_token: float = 4.0
+    max_new_tokens_cap: int = 8192
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The causal LM's config (generation utilities read vocabulary and cache settings from it)."""
+        if encoder:
+            return self.encoder_config
+        return self.text_config

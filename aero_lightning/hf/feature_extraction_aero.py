@@ -1,0 +1,116 @@
+"""Feature extractor of an exported Aero audio LLM (copied into the export folder as remote code).
+
+Cuts each 16 kHz mono clip into 30 s windows (the last one short), computes Whisper log-mel per window on its true
+length with the same :class:`LogMelSpectrogram` the training code uses (equal to ``WhisperFeatureExtractor`` on
+every valid frame), and counts each clip's ``<|AUDIO|>`` slots: per window ``ceil(ceil(samples / 160) /
+encoder_downsample / projector_downsample)`` (ceil at each step).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.feature_extraction_utils import BatchFeature, FeatureExtractionMixin
+
+from aero_lightning.data.features import HOP_LENGTH, SAMPLE_RATE_HZ, WINDOW_SAMPLES, LogMelSpectrogram
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class AeroFeatureExtractor(FeatureExtractionMixin):
+    """Windows + log-mel for :class:`AeroForConditionalGeneration`.
+
+    Args:
+        num_mel_bins: mel bins of the encoder (80 or 128).
+        encoder_downsample: log-mel frames per encoder frame (2 for Whisper).
+        projector_downsample: encoder frames per LLM token (the projector's stack or pool factor).
+        sampling_rate: expected input rate in Hz (16 000).
+        window_samples: samples per encoder window (480 000 = 30 s).
+    """
+
+    model_input_names = ["input_features", "feature_lengths"]
+
+    def __init__(
+        self,
+        num_mel_bins: int = 80,
+        encoder_downsample: int = 2,
+        projector_downsample: int = 2,
+        sampling_rate: int = SAMPLE_RATE_HZ,
+        window_samples: int = WINDOW_SAMPLES,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_mel_bins = int(num_mel_bins)
+        self.encoder_downsample = int(encoder_downsample)
+        self.projector_downsample = int(projector_downsample)
+        self.sampling_rate = int(sampling_rate)
+        self.window_samples = int(window_samples)
+        self._log_mel = None
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.pop("_log_mel", None)
+        return out
+
+    def window_lengths(self, num_samples: int) -> list[int]:
+        """Samples in each 30 s window of a clip (the last may be short)."""
+        full, rest = divmod(int(num_samples), self.window_samples)
+        return [self.window_samples] * full + ([rest] if rest else [])
+
+    def num_audio_tokens(self, num_samples: int) -> int:
+        """``<|AUDIO|>`` slots of a clip of ``num_samples`` samples."""
+        total = 0
+        for n in self.window_lengths(num_samples):
+            frames = _ceil_div(n, HOP_LENGTH)
+            total += _ceil_div(_ceil_div(frames, self.encoder_downsample), self.projector_downsample)
+        return total
+
+    def __call__(self, raw_speech, sampling_rate: int | None = None, return_tensors: str = "pt", **kwargs):
+        """Log-mel windows of one clip or a list of clips.
+
+        Args:
+            raw_speech: a ``(T,)`` float array or a list of them, 16 kHz mono.
+            sampling_rate: must be 16 000 when given (resample first).
+
+        Returns:
+            ``BatchFeature`` with ``input_features (W, num_mel_bins, T_max)`` float32, ``feature_lengths (W,)``
+            valid frames, ``windows_per_clip (B,)`` and ``num_audio_tokens (B,)``; windows are in clip order.
+
+        Raises:
+            ValueError: on another sampling rate or an empty clip.
+        """
+        if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+            raise ValueError(
+                f"expected {self.sampling_rate} Hz audio, got {sampling_rate} Hz; resample it first"
+            )
+        clips = (
+            [raw_speech] if isinstance(raw_speech, np.ndarray) and raw_speech.ndim == 1 else list(raw_speech)
+        )
+        windows, per_clip, tokens = [], [], []
+        for clip in clips:
+            wave = np.asarray(clip, dtype=np.float32)
+            if wave.ndim != 1 or wave.size == 0:
+                raise ValueError(f"each clip must be a non-empty (T,) waveform, got shape {wave.shape}")
+            start = 0
+            lengths = self.window_lengths(wave.size)
+            for n in lengths:
+                windows.append(wave[start : start + n])
+                start += n
+            per_clip.append(len(lengths))
+            tokens.append(self.num_audio_tokens(wave.size))
+        lengths = torch.tensor([len(w) for w in windows], dtype=torch.long)  # (W,)
+        audio = torch.zeros((len(windows), int(lengths.max())), dtype=torch.float32)  # (W, N)
+        for i, w in enumerate(windows):
+            audio[i, : len(w)] = torch.from_numpy(np.ascontiguousarray(w))
+        if self._log_mel is None:
+            self._log_mel = LogMelSpectrogram(num_mel_bins=self.num_mel_bins)
+        features, feature_lengths = self._log_mel(audio, lengths)  # (W, n_mels, T), (W,)
+        data = {
+            "input_features": features,
+            "feature_lengths": feature_lengths,
+            "windows_per_clip": torch.tensor(per_clip, dtype=torch.long),
+            "num_audio_tokens": torch.tensor(tokens, dtype=torch.long),
+        }
+        return BatchFeature(data, tensor_type=return_tensors)

@@ -1,0 +1,150 @@
+"""transformers model of an exported Aero audio LLM (copied into the export folder as remote code).
+
+Whisper encoder (padding-free 30 s windows) -> projector -> causal LM, with the projected audio scattered into the
+``<|AUDIO|>`` slots of the LLM's input embeddings, exactly as :class:`aero_lightning.model.aero.AeroModel` does at
+inference. The encoder, projector, attention and chat modules are copies of aero_lightning's own files (the
+exporter rewrites their ``aero_lightning`` imports into relative ones), so the exported model computes what the
+trained one computes; the weights are one ``model.safetensors`` with AeroModel's parameter names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from aero_lightning.hf.configuration_aero import AeroConfig
+from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
+from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector
+
+
+def build_projector(spec: dict, encoder_dim: int, llm_dim: int) -> nn.Module:
+    """The projector of ``spec`` (``{"type": "mlp_stack" | "avgpool_linear", ...}``).
+
+    Raises:
+        ValueError: for an unknown projector type.
+    """
+    spec = dict(spec)
+    kind = spec.pop("type")
+    if kind == "mlp_stack":
+        return MLPStackProjector(encoder_dim=encoder_dim, llm_dim=llm_dim, **spec)
+    if kind == "avgpool_linear":
+        return AvgPoolProjector(encoder_dim=encoder_dim, llm_dim=llm_dim, **spec)
+    raise ValueError(f"unknown projector type {kind!r}; expected 'mlp_stack' or 'avgpool_linear'")
+
+
+class AeroPreTrainedModel(PreTrainedModel):
+    """Base class: config class, attention capabilities."""
+
+    config_class = AeroConfig
+    base_model_prefix = "aero"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["WhisperEncoderLayer", "Qwen2DecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+
+class AeroForConditionalGeneration(AeroPreTrainedModel):
+    """Audio LLM: ``encoder`` (Whisper, padding-free windows) -> ``projector`` -> ``llm`` (causal LM).
+
+    Args:
+        config: :class:`AeroConfig`.
+    """
+
+    def __init__(self, config: AeroConfig):
+        super().__init__(config)
+        enc_config = config.encoder_config
+        enc_config._attn_implementation = config.encoder_attn_implementation
+        self.encoder = WhisperAudioEncoder(
+            PaddingFreeWhisperEncoder(enc_config), padding_free=config.padding_free
+        )
+        self.projector = build_projector(config.projector, enc_config.d_model, config.text_config.hidden_size)
+        self.llm = AutoModelForCausalLM.from_config(config.text_config)
+        if getattr(config, "llm_generation_config", None):
+            self.llm.generation_config = GenerationConfig.from_dict(dict(config.llm_generation_config))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def build_inputs_embeds(
+        self,
+        input_ids: torch.Tensor,
+        input_features: torch.Tensor | None,
+        feature_lengths: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """LLM input embeddings with the projected audio in the ``<|AUDIO|>`` slots.
+
+        Args:
+            input_ids: ``(B, L)`` prompt ids.
+            input_features: ``(W, num_mel_bins, T)`` log-mel windows of all clips, in slot order.
+            feature_lengths: ``(W,)`` valid frames per window.
+
+        Returns:
+            ``(B, L, D_llm)``.
+
+        Raises:
+            ValueError: if the slot count differs from the number of audio embeddings.
+        """
+        embed = self.llm.get_input_embeddings()
+        slots = input_ids == self.config.audio_token_id  # (B, L)
+        inputs_embeds = embed(input_ids)  # (B, L, D)
+        if input_features is None:
+            if bool(slots.any()):
+                raise ValueError("input_ids hold <|AUDIO|> slots but no audio features were given")
+            return inputs_embeds
+        dtype = next(self.encoder.parameters()).dtype
+        hidden, enc_lengths = self.encoder(input_features.to(dtype), feature_lengths)  # (W, S, D_enc)
+        projected, proj_lengths = self.projector(hidden, enc_lengths)  # (W, S', D_llm)
+        valid = torch.arange(projected.shape[1], device=projected.device)[None, :] < proj_lengths[:, None]
+        audio = projected[valid].to(inputs_embeds.dtype)  # (N_audio, D_llm), window order
+        if audio.shape[0] != int(slots.sum()):
+            raise ValueError(
+                f"{audio.shape[0]} audio embeddings for {int(slots.sum())} <|AUDIO|> slots; build the prompt with "
+                "the feature extractor's num_audio_tokens"
+            )
+        return inputs_embeds.masked_scatter(slots[..., None], audio)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Teacher-forced forward pass (logits, and the mean token loss when ``labels`` are given).
+
+        Args:
+            input_ids: ``(B, L)``; attention_mask: ``(B, L)``; input_features / feature_lengths: see
+                :meth:`build_inputs_embeds`; labels: ``(B, L)`` with -100 where no loss is taken.
+        """
+        inputs_embeds = self.build_inputs_embeds(input_ids, input_features, feature_lengths)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        input_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Decode replies for left-padded prompts; ``generate_kwargs`` go to the LLM's ``generate``
+        (``max_new_tokens``, ``num_beams``, ...; greedy unless ``do_sample=True``).
+
+        Returns:
+            ``(B, T_new)`` new token ids (the prompt is not repeated).
+        """
+        inputs_embeds = self.build_inputs_embeds(input_ids, input_features, feature_lengths)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("eos_token_id", list(self.config.stop_token_ids))
+        generate_kwargs.setdefault("pad_token_id", self.config.generation_pad_token_id)
+        return self.llm.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+        )

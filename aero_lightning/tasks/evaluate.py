@@ -1,0 +1,324 @@
+"""The evaluation task: ``python eval.py ckpt=PATH benchmark=NAME`` (a list, or a suite such as ``open_asr``).
+
+For each benchmark the samples are read (hub or local source, :mod:`aero_lightning.eval.sources`), buffered and
+sorted by length, decoded in batches (:func:`aero_lightning.eval.decode.decode_waveforms`) and scored:
+
+- ASR as the Open ASR Leaderboard does (:mod:`aero_lightning.metrics.wer`): Whisper's English normaliser on both
+  sides, samples whose normalised reference is empty (or TED-LIUM's ignore marker) dropped *before* decoding, as the
+  leaderboard filters its datasets, S + D + I pooled over the dataset, and the unweighted mean over datasets;
+  plus hallucination loops (:mod:`aero_lightning.metrics.repetition`) and the insertion rate;
+- multiple choice as accuracy (:mod:`aero_lightning.metrics.choice`).
+
+RTFx = audio seconds / inference wall seconds, where inference is prompt building, log-mel, encoder, projector and
+generation (CUDA-synchronised); reading and decoding audio files is excluded, as the leaderboard times the model
+call. Outputs in the run folder: ``summary.json``, ``summary.md`` (the table, also logged) and
+``predictions/<benchmark>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from aero_lightning.eval.benchmarks import CHOICE_INSTRUCTION, BenchmarkSpec, get_benchmark
+from aero_lightning.eval.decode import (
+    GenerationOptions,
+    Stopwatch,
+    chars_per_token,
+    decode_waveforms,
+    plan_decode_batches,
+)
+from aero_lightning.eval.sources import EvalItem, detect_format, iter_items
+from aero_lightning.metrics.choice import choice_accuracy, format_choices
+from aero_lightning.metrics.repetition import repetition_stats
+from aero_lightning.metrics.wer import WERResult, corpus_wer, is_scored_reference, mean_wer, normalize_english
+from aero_lightning.model.loading import load_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "markdown_summary", "run_benchmark"]
+
+
+def _chunks(items: Iterable[EvalItem], size: int) -> Iterator[list[EvalItem]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def run_benchmark(
+    model,
+    name: str,
+    spec: BenchmarkSpec,
+    options: GenerationOptions,
+    out_dir: str | Path,
+    source: str | None = None,
+    split: str | None = None,
+    hf_config: str | None = None,
+    streaming: bool = False,
+    prompt: str | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 16,
+    max_batch_audio_s: float | None = 1800.0,
+    buffer_size: int = 256,
+    repetition: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Decode and score one benchmark; write ``out_dir/predictions/<name>.jsonl``.
+
+    Args:
+        model: an :class:`~aero_lightning.model.aero.AeroModel` in eval mode.
+        name: the benchmark's name in the run (usually ``spec.name``).
+        spec: the registry entry.
+        options: generation settings.
+        out_dir: the run folder.
+        source, split, hf_config, streaming, max_samples: see :func:`aero_lightning.eval.sources.iter_items`.
+        prompt: instruction (ASR) or post-prompt after the options (choice); None = the spec's.
+        batch_size, max_batch_audio_s: see :func:`aero_lightning.eval.decode.plan_decode_batches`.
+        buffer_size: samples read ahead and sorted by length before batching.
+        repetition: ``{"min_repeats", "max_n"}`` for the loop measure.
+        progress: show a progress bar.
+
+    Returns:
+        The benchmark's summary dict (see :func:`evaluate`).
+    """
+    rejects: Counter = Counter()
+    items = iter_items(spec, source, split, hf_config, streaming, max_samples, rejects)
+    instruction = prompt if prompt is not None else spec.prompt
+    cpt = chars_per_token(model.tokenizer)
+    watch = Stopwatch(next(model.parameters()).device)
+    records: list[dict[str, Any]] = []
+    dropped = 0
+    order: list[int] = []  # source position of each record
+    seen = 0
+    bar = tqdm(desc=name, unit="sample", disable=not progress)
+    for buffer in _chunks(items, buffer_size):
+        positions = list(range(seen, seen + len(buffer)))
+        seen += len(buffer)
+        if spec.task == "asr":
+            keep = [
+                i for i, item in enumerate(buffer) if is_scored_reference(normalize_english(item.reference))
+            ]
+            dropped += len(buffer) - len(keep)
+            buffer = [buffer[i] for i in keep]
+            positions = [positions[i] for i in keep]
+            prompts = [instruction] * len(buffer)
+        else:
+            prompts = [format_choices(i.question, i.choices, instruction) for i in buffer]
+        for batch in plan_decode_batches([i.duration_s for i in buffer], batch_size, max_batch_audio_s):
+            with watch:
+                results = decode_waveforms(
+                    model,
+                    [buffer[j].waveform for j in batch],
+                    [prompts[j] for j in batch],
+                    options,
+                    tokenizer_chars_per_token=cpt,
+                )
+            for j, res in zip(batch, results):
+                item = buffer[j]
+                record: dict[str, Any] = {"key": item.key, "duration_s": round(item.duration_s, 3)}
+                if spec.task == "asr":
+                    record |= {"reference": item.reference, "hypothesis": res.text}
+                else:
+                    record |= {
+                        "question": item.question,
+                        "choices": list(item.choices),
+                        "answer": item.answer,
+                        "group": item.group,
+                        "reply": res.text,
+                    }
+                record |= {"num_new_tokens": res.num_new_tokens, "finished": res.finished}
+                records.append(record)
+                order.append(positions[j])
+            bar.update(len(batch))
+    bar.close()
+    records = [records[i] for i in sorted(range(len(records)), key=order.__getitem__)]  # source order
+    audio_s = sum(r["duration_s"] for r in records)
+    result: dict[str, Any] = {
+        "task": spec.task,
+        "description": spec.description,
+        "source": str(source) if source is not None else spec.hf_id,
+        "num_samples": len(records),
+        "skipped": dict(sorted(rejects.items())),
+        "audio_s": round(audio_s, 3),
+        "inference_s": round(watch.seconds, 3),
+        "rtfx": round(audio_s / watch.seconds, 2) if watch.seconds > 0 else None,
+        "num_budget_hit": sum(not r["finished"] for r in records),
+        "reference": spec.reference,
+    }
+    if spec.task == "asr":
+        wer = corpus_wer([r["reference"] for r in records], [r["hypothesis"] for r in records])
+        rep = repetition_stats([r["hypothesis"] for r in records], **dict(repetition or {}))
+        loops = set(rep.loop_indices)
+        for i, r in enumerate(records):
+            r["loop"] = i in loops
+        result |= {
+            "num_dropped_empty_reference": dropped,
+            **wer.to_dict(),
+            "wer_percent": round(100 * wer.wer, 3) if not math.isnan(wer.wer) else None,
+            "insertion_rate": wer.insertions / wer.num_ref_words if wer.num_ref_words else None,
+            "repetition": {k: v for k, v in rep.to_dict().items() if k != "loop_indices"},
+        }
+    else:
+        acc = choice_accuracy(
+            [r["reply"] for r in records],
+            [r["choices"] for r in records],
+            [r["answer"] for r in records],
+            [r["group"] for r in records],
+        )
+        result |= {**acc.to_dict(), "accuracy_percent": round(100 * acc.accuracy, 3) if records else None}
+    pred_dir = Path(out_dir) / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    pred_file = pred_dir / f"{name}.jsonl"
+    with open(pred_file, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    result["predictions"] = str(pred_file)
+    if rejects:
+        logger.warning("%s: skipped samples by reason: %s", name, dict(rejects))
+    return result
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown_summary(summary: Mapping[str, Any]) -> str:
+    """The summary as markdown tables (ASR, then multiple choice)."""
+    benches = summary["benchmarks"]
+    asr = {k: v for k, v in benches.items() if v["task"] == "asr"}
+    choice = {k: v for k, v in benches.items() if v["task"] == "choice"}
+    lines = []
+    if asr:
+        lines += [
+            "| benchmark | samples | WER % | S | D | I | insertions % | loops | budget hit | RTFx | Aero WER % |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in asr.items():
+            ins = 100 * r["insertion_rate"] if r.get("insertion_rate") is not None else None
+            lines.append(
+                f"| {name} | {r['num_samples']} | {_fmt(r.get('wer_percent'))} | {r['substitutions']} | "
+                f"{r['deletions']} | {r['insertions']} | {_fmt(ins)} | {r['repetition']['num_loops']} | "
+                f"{r['num_budget_hit']} | {_fmt(r['rtfx'], 1)} | {_fmt(r['reference'])} |"
+            )
+        if summary.get("mean_wer_percent") is not None:
+            lines.append(
+                f"| **mean** ({len(summary['mean_over'])} datasets, unweighted) | | "
+                f"**{_fmt(summary['mean_wer_percent'])}** | | | | | | | {_fmt(summary['rtfx'], 1)} | "
+                f"{_fmt(summary.get('reference_mean_wer_percent'))} |"
+            )
+    if choice:
+        if lines:
+            lines.append("")
+        lines += ["| benchmark | items | accuracy % | unparsed | RTFx |", "|---|---:|---:|---:|---:|"]
+        for name, r in choice.items():
+            lines.append(
+                f"| {name} | {r['num_items']} | {_fmt(r.get('accuracy_percent'))} | {r['num_unparsed']} | "
+                f"{_fmt(r['rtfx'], 1)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _benchmark_options(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    node = cfg.get("benchmark")
+    if not node:
+        raise ValueError("no benchmark selected: pass benchmark=NAME, benchmark=[A,B] or a suite (open_asr)")
+    options = OmegaConf.to_container(node, resolve=True)
+    bad = [k for k, v in options.items() if not isinstance(v, dict)]
+    if bad:
+        raise ValueError(
+            f"benchmark entries {bad} are not mappings; conf/benchmark/*.yaml nest options under the name"
+        )
+    return options
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation task from the composed ``conf/eval.yaml``.
+
+    Returns:
+        ``{"checkpoint", "benchmarks": {name: {...}}, "mean_wer", "mean_wer_percent", "mean_over", "rtfx",
+        "generation", "summary_json", "summary_md"}``; per ASR benchmark the pooled counts
+        (:class:`~aero_lightning.metrics.wer.WERResult`), ``wer_percent``, ``insertion_rate``, ``repetition``,
+        ``num_dropped_empty_reference``, ``skipped`` reasons, ``audio_s``, ``inference_s``, ``rtfx``,
+        ``num_budget_hit`` and the ``predictions`` file; per choice benchmark the accuracy fields.
+
+    Raises:
+        KeyError: for a benchmark name not in the registry.
+        FileNotFoundError: for a missing checkpoint or local source.
+    """
+    benchmarks = _benchmark_options(cfg)
+    specs = {name: get_benchmark(opts.get("registry") or name) for name, opts in benchmarks.items()}
+    for name, opts in benchmarks.items():  # fail on a missing local source before the model is loaded
+        source = opts.get("source") or specs[name].hf_id
+        if source is None:
+            raise ValueError(f"benchmark {name} has no hub copy: set benchmark.{name}.source=PATH")
+        detect_format(source)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg.ckpt, device=cfg.get("device"), dtype=cfg.get("dtype"), config=cfg.get("config"))
+    options = GenerationOptions(**OmegaConf.to_container(cfg.generation, resolve=True))
+    repetition = OmegaConf.to_container(cfg.repetition, resolve=True) if cfg.get("repetition") else None
+    results: dict[str, Any] = {}
+    for name, opts in benchmarks.items():
+        spec = specs[name]
+        default_prompt = (
+            cfg.get("asr_prompt") if spec.task == "asr" else cfg.get("choice_instruction", CHOICE_INSTRUCTION)
+        )
+        max_samples = opts.get("max_samples", None)
+        if max_samples is None:
+            max_samples = cfg.get("max_samples")
+        logger.info("benchmark %s: %s", name, spec.description)
+        results[name] = run_benchmark(
+            model,
+            name,
+            spec,
+            options,
+            out_dir,
+            source=opts.get("source"),
+            split=opts.get("split"),
+            hf_config=opts.get("hf_config"),
+            streaming=bool(opts.get("streaming", False)),
+            prompt=opts.get("prompt") or default_prompt,
+            max_samples=max_samples,
+            batch_size=int(cfg.batch_size),
+            max_batch_audio_s=cfg.get("max_batch_audio_s"),
+            buffer_size=int(cfg.get("buffer_size", 256)),
+            repetition=repetition,
+            progress=bool(cfg.get("progress", True)),
+        )
+    asr_scored = {
+        n: WERResult(**{k: r[k] for k in WERResult.__dataclass_fields__})
+        for n, r in results.items()
+        if r["task"] == "asr" and r["num_samples"] > 0
+    }
+    mean = mean_wer(asr_scored) if asr_scored else None
+    refs = [results[n]["reference"] for n in asr_scored]
+    total_audio = sum(r["audio_s"] for r in results.values())
+    total_time = sum(r["inference_s"] for r in results.values())
+    summary: dict[str, Any] = {
+        "checkpoint": str(cfg.ckpt),
+        "benchmarks": results,
+        "mean_wer": mean,
+        "mean_wer_percent": round(100 * mean, 3) if mean is not None else None,
+        "mean_over": sorted(asr_scored),
+        "reference_mean_wer_percent": round(sum(refs) / len(refs), 3) if refs and None not in refs else None,
+        "audio_s": round(total_audio, 3),
+        "inference_s": round(total_time, 3),
+        "rtfx": round(total_audio / total_time, 2) if total_time > 0 else None,
+        "generation": OmegaConf.to_container(cfg.generation, resolve=True),
+    }
+    table = markdown_summary(summary)
+    summary["summary_json"] = str(out_dir / "summary.json")
+    summary["summary_md"] = str(out_dir / "summary.md")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    (out_dir / "summary.md").write_text(table, encoding="utf-8")
+    logger.info("evaluation of %s\n%s\nsummary: %s", cfg.ckpt, table, summary["summary_json"])
+    return summary

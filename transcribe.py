@@ -1,0 +1,22 @@
+"""Transcribe audio files: ``python transcribe.py ckpt=PATH audio=FILE_DIR_OR_GLOB`` (see conf/transcribe.yaml)."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from aero_lightning.tasks.transcribe import transcribe
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="transcribe")
+def main(cfg: DictConfig) -> None:
+    result = transcribe(cfg)
+    for record in result["records"]:
+        if record is not None and "text" in record:
+            print(f"{record['path']}\t{record['text']}")
+    if result["transcribed"] == 0:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
