@@ -45,10 +45,10 @@ from aero_lightning.data.shards import DEFAULT_ASR_PROMPT
 from aero_lightning.eval.decode import GenerationOptions, chars_per_token
 from aero_lightning.hf.configuration_aero import AeroConfig
 from aero_lightning.hf.feature_extraction_aero import AeroFeatureExtractor
-from aero_lightning.model.aero import PROJECTORS, AeroModel
+from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.encoders import WhisperAudioEncoder
 from aero_lightning.model.loading import load_model
-from aero_lightning.model.projector import MLPStackProjector
+from aero_lightning.model.projector import projector_spec
 
 logger = logging.getLogger(__name__)
 
@@ -122,17 +122,6 @@ def remote_code_files() -> dict[str, str]:
     return files
 
 
-def _projector_spec(model: AeroModel) -> dict[str, Any]:
-    kind = next(k for k, v in PROJECTORS.items() if isinstance(model.projector, v))
-    if isinstance(model.projector, MLPStackProjector):
-        return {
-            "type": kind,
-            "stack_factor": model.projector.downsample,
-            "hidden_dim": model.projector.fc1.out_features,
-        }
-    return {"type": kind, "pool": model.projector.downsample}
-
-
 def _weights(model: AeroModel, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """AeroModel's inference weights (no CTC head), tied LLM weights stored once."""
     tied = {f"llm.{k}" for k in getattr(model.llm, "all_tied_weights_keys", {}) or {}}
@@ -162,7 +151,7 @@ def build_config(
     config = AeroConfig(
         encoder_config=encoder_config,
         text_config=text_config,
-        projector=_projector_spec(model),
+        projector=projector_spec(model.projector),
         padding_free=bool(model.encoder.padding_free),
         encoder_attn_implementation=model.encoder.config._attn_implementation or "sdpa",
         end_of_turn_token=model.end_of_turn_token,

@@ -24,11 +24,9 @@ from aero_lightning.data.features import HOP_LENGTH, WINDOW_SAMPLES, LogMelSpect
 from aero_lightning.model.attention import packed_attention_kwargs
 from aero_lightning.model.encoders import WhisperAudioEncoder
 from aero_lightning.model.liger import apply_liger, liger_available, liger_options, linear_cross_entropy_sum
-from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector, Projector
+from aero_lightning.model.projector import PROJECTORS, Projector, projector_spec
 
 logger = logging.getLogger(__name__)
-
-PROJECTORS = {"mlp_stack": MLPStackProjector, "avgpool_linear": AvgPoolProjector}
 
 
 @dataclass(frozen=True)
@@ -163,6 +161,13 @@ class AeroModel(nn.Module):
             swiglu, fused_linear_cross_entropy}`` (:mod:`aero_lightning.model.liger`); unavailable kernels fall back
             to PyTorch with a warning.
         loss_chunk_tokens: target positions projected to the vocabulary at once by the loss (no full logits).
+        ctc_only: encoder CTC pre-training: the LLM is not run, the loss is the CTC loss alone (``loss_sum`` = CTC
+            per target token x target tokens, so the training loop and validation loss are unchanged), and
+            projector and LLM are frozen. A later run starts from the encoder with ``init_from``. Needs
+            ``ctc_weight > 0``.
+
+    Raises:
+        ValueError: ``ctc_only`` with ``ctc_weight == 0``.
     """
 
     def __init__(
@@ -177,8 +182,14 @@ class AeroModel(nn.Module):
         ctc_weight: float = 0.0,
         liger: Mapping | bool | None = None,
         loss_chunk_tokens: int = 4096,
+        ctc_only: bool = False,
     ):
         super().__init__()
+        if ctc_only and ctc_weight <= 0:
+            raise ValueError(
+                "model.ctc_only=true trains the CTC head alone: set model.ctc_weight > 0 (e.g. 1.0)"
+            )
+        self.ctc_only = bool(ctc_only)
         self.encoder = encoder
         self.projector = projector
         self.llm = llm
@@ -192,6 +203,8 @@ class AeroModel(nn.Module):
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(end_of_turn_token)
         self.feature_extractor = LogMelSpectrogram(num_mel_bins=encoder.num_mel_bins)
         self.freeze_patterns = list(freeze)
+        if self.ctc_only:  # nothing reaches them: frozen, so DDP sees no unused trainable parameters
+            self.freeze_patterns += [p for p in (r"^projector\.", r"^llm\.") if p not in self.freeze_patterns]
         self._frozen_components: list[str] = []
         self.apply_freeze(self.freeze_patterns)
         if gradient_checkpointing:
@@ -220,6 +233,8 @@ class AeroModel(nn.Module):
         attn_implementation: str | None = None,
         liger: Mapping | bool | None = None,
         loss_chunk_tokens: int = 4096,
+        ctc_only: bool = False,
+        init_from: Mapping | None = None,
     ) -> AeroModel:
         """Load encoder and LLM with ``from_pretrained`` (hub id or local folder) and build a fresh projector.
 
@@ -228,7 +243,10 @@ class AeroModel(nn.Module):
             llm: ``{"name_or_path", "attn_implementation", "torch_dtype", "tokenizer"}`` (``tokenizer`` defaults to
                 ``name_or_path``).
             projector: a callable ``projector(encoder_dim=..., llm_dim=...)`` (a Hydra ``_partial_`` config).
-            freeze, gradient_checkpointing, end_of_turn_token, ctc_weight, liger, loss_chunk_tokens: see the class.
+            freeze, gradient_checkpointing, end_of_turn_token, ctc_weight, liger, loss_chunk_tokens, ctc_only: see
+                the class.
+            init_from: ``{"ckpt": PATH, "include": [regex, ...]}``: then copy the matching weights from an earlier
+                run (:meth:`load_weights_from`), e.g. the encoder of a ``ctc_only`` pre-training run.
             attn_implementation: attention backend of both encoder and LLM (``varlen``, ``flash_attention_2``,
                 ``sdpa``, ``eager``; see :mod:`aero_lightning.model.attention`); None keeps each component's own
                 ``attn_implementation`` (default ``sdpa``).
@@ -250,7 +268,7 @@ class AeroModel(nn.Module):
         check_architecture("encoder", enc.config, encoder.get("expect"))
         check_architecture("llm", lm.config, llm.get("expect"))
         proj = projector(encoder_dim=enc.hidden_size, llm_dim=lm.config.hidden_size)
-        return cls(
+        model = cls(
             enc,
             proj,
             lm,
@@ -261,7 +279,53 @@ class AeroModel(nn.Module):
             ctc_weight,
             liger=liger,
             loss_chunk_tokens=loss_chunk_tokens,
+            ctc_only=ctc_only,
         )
+        if init_from and init_from.get("ckpt"):
+            model.load_weights_from(init_from["ckpt"], init_from.get("include") or [r"^encoder\."])
+        return model
+
+    def load_weights_from(self, ckpt: str | Path, include: Sequence[str]) -> list[str]:
+        """Copy the weights whose names match any regex in ``include`` from an earlier training run.
+
+        Args:
+            ckpt: a Lightning ``.ckpt`` of :class:`~aero_lightning.lit_module.AeroLitModule` or its run folder
+                (``checkpoints/last.ckpt``).
+            include: regexes over this model's parameter and buffer names (``"^encoder\\."``, ``"^ctc_head\\."``).
+
+        Returns:
+            The names copied.
+
+        Raises:
+            FileNotFoundError: if ``ckpt`` does not exist.
+            ValueError: if a pattern matches no weight of the checkpoint, or a matching weight's shape differs.
+        """
+        from aero_lightning.model.loading import (  # loading imports this module
+            MODEL_PREFIX,
+            resolve_checkpoint,
+        )
+
+        path = resolve_checkpoint(ckpt)
+        if path.is_dir():
+            raise ValueError(
+                f"init_from needs a Lightning checkpoint of a training run, got the folder {path}"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        source = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+        own = self.state_dict()
+        patterns = [re.compile(p) for p in include]
+        picked = {k: v for k, v in source.items() if k in own and any(p.search(k) for p in patterns)}
+        for p in patterns:
+            if not any(p.search(k) for k in picked):
+                raise ValueError(f"init_from: {p.pattern!r} matches no weight of {path}")
+        wrong = [k for k, v in picked.items() if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(
+                f"init_from: shapes differ for {wrong[:4]}: {path} was trained with another architecture"
+            )
+        self.load_state_dict(picked, strict=False)
+        logger.info("init_from %s: copied %d tensors matching %s", path, len(picked), list(include))
+        return sorted(picked)
 
     def apply_freeze(self, patterns: Sequence[str]) -> None:
         """Set ``requires_grad=False`` on parameters whose name matches any regex in ``patterns``.
@@ -414,6 +478,10 @@ class AeroModel(nn.Module):
         )
         return loss / target_lengths.sum()
 
+    def _ctc_target_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        """The CTC targets' token count: reply tokens without the end-of-turn token."""
+        return ((labels != IGNORE_INDEX) & (labels != self.end_of_turn_id)).sum()
+
     # ------------------------------------------------------------------ LM
     def forward(
         self,
@@ -449,6 +517,10 @@ class AeroModel(nn.Module):
             whole global batch.
         """
         inputs_embeds, encoded = self._inputs_embeds_and_audio(input_ids, input_features, feature_lengths)
+        if self.ctc_only and labels is not None and encoded is not None:
+            ctc = self._ctc_loss(encoded, input_ids, labels, cu_seqlens)
+            n = self._ctc_target_tokens(labels)
+            return AeroOutput(logits=None, loss_sum=ctc * n, num_target_tokens=n)
         packed = packed_attention_kwargs(cu_seqlens) if cu_seqlens is not None else {}
         kwargs = {
             "inputs_embeds": inputs_embeds,
@@ -557,16 +629,8 @@ class AeroModel(nn.Module):
             {k: v.contiguous() for k, v in self.projector.state_dict().items()},
             str(out / "projector.safetensors"),
         )
-        proj_kwargs = {"type": next(k for k, v in PROJECTORS.items() if isinstance(self.projector, v))}
-        if isinstance(self.projector, MLPStackProjector):
-            proj_kwargs |= {
-                "stack_factor": self.projector.downsample,
-                "hidden_dim": self.projector.fc1.out_features,
-            }
-        else:
-            proj_kwargs |= {"pool": self.projector.downsample}
         config = {
-            "projector": proj_kwargs,
+            "projector": projector_spec(self.projector),
             "padding_free": self.encoder.padding_free,
             "end_of_turn_token": self.end_of_turn_token,
         }

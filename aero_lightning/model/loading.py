@@ -84,8 +84,9 @@ def _model_from_config(config_file: Path, attn_implementation: str | None) -> Ae
     if "model" not in cfg:
         raise ValueError(f"{config_file} has no 'model' section; it is not a training run's config.yaml")
     model_cfg = cfg.model
-    # inference: no Liger kernels, no activation checkpointing
-    for key, value in (("liger", False), ("gradient_checkpointing", False)):
+    # inference: no Liger kernels, no activation checkpointing; every weight comes from the checkpoint, so the
+    # run's init_from source need not exist any more
+    for key, value in (("liger", False), ("gradient_checkpointing", False), ("init_from", None)):
         if key in model_cfg:
             model_cfg[key] = value
     if attn_implementation is not None:

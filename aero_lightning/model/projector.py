@@ -57,20 +57,30 @@ class MLPStackProjector(Projector):
         llm_dim: LLM hidden size ``D_llm``.
         stack_factor: frames stacked per token ``k``.
         hidden_dim: MLP hidden width.
+        output_norm: RMSNorm on the output (as Ultravox's ``ln_post``), so the audio embeddings keep a fixed scale.
     """
 
-    def __init__(self, encoder_dim: int, llm_dim: int, stack_factor: int = 5, hidden_dim: int = 2048):
+    def __init__(
+        self,
+        encoder_dim: int,
+        llm_dim: int,
+        stack_factor: int = 5,
+        hidden_dim: int = 2048,
+        output_norm: bool = False,
+    ):
         super().__init__()
         self.downsample = stack_factor
         self.fc1 = nn.Linear(encoder_dim * stack_factor, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, llm_dim)
+        self.norm = nn.RMSNorm(llm_dim, eps=1e-6) if output_norm else None
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: ``hidden (W, S, D_enc)``, ``lengths (W,)``. Returns ``(W, ceil(S/k), D_llm)`` and lengths."""
         grouped, _ = _group_frames(hidden, lengths, self.downsample)  # (W, S/k, k, D)
         stacked = grouped.flatten(2)  # (W, S/k, k*D)
-        return self.fc2(self.act(self.fc1(stacked))), self.output_lengths(lengths)
+        out = self.fc2(self.act(self.fc1(stacked)))
+        return (out if self.norm is None else self.norm(out)), self.output_lengths(lengths)
 
 
 class AvgPoolProjector(Projector):
@@ -96,3 +106,26 @@ class AvgPoolProjector(Projector):
         counts = valid.sum(-1, keepdim=True).clamp_min(1).to(hidden.dtype)  # (W, S/p, 1)
         pooled = grouped.sum(2) / counts  # (W, S/p, D)
         return self.linear(pooled), self.output_lengths(lengths)
+
+
+PROJECTORS = {"mlp_stack": MLPStackProjector, "avgpool_linear": AvgPoolProjector}
+"""Projector types by config name (``model/projector`` and the ``projector`` entry of saved configs)."""
+
+
+def projector_spec(projector: Projector) -> dict:
+    """The keyword arguments that rebuild ``projector`` (``{"type": name, ...}``), for saved configs.
+
+    Raises:
+        TypeError: for a projector class not in :data:`PROJECTORS`.
+    """
+    kind = next((k for k, v in PROJECTORS.items() if isinstance(projector, v)), None)
+    if kind is None:
+        raise TypeError(f"{type(projector).__name__} is not a registered projector ({sorted(PROJECTORS)})")
+    if isinstance(projector, MLPStackProjector):
+        return {
+            "type": kind,
+            "stack_factor": projector.downsample,
+            "hidden_dim": projector.fc1.out_features,
+            "output_norm": projector.norm is not None,
+        }
+    return {"type": kind, "pool": projector.downsample}

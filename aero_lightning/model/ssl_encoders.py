@@ -209,6 +209,8 @@ def build_aero_model(
     attn_implementation: str | None = None,
     liger: Mapping | bool | None = None,
     loss_chunk_tokens: int = 4096,
+    ctc_only: bool = False,
+    init_from: Mapping | None = None,
 ) -> AeroModel:
     """``AeroModel.from_components`` for any encoder type (``encoder.type``: ``whisper`` default, ``hubert``,
     ``wav2vec2``).
@@ -223,7 +225,7 @@ def build_aero_model(
             "expect"}``; Whisper
             keys as in ``AeroModel.from_components``.
         llm, projector, freeze, gradient_checkpointing, end_of_turn_token, ctc_weight, attn_implementation, liger,
-            loss_chunk_tokens: as in ``AeroModel.from_components``.
+            loss_chunk_tokens, ctc_only, init_from: as in ``AeroModel.from_components``.
 
     Returns:
         The :class:`~aero_lightning.model.aero.AeroModel`.
@@ -240,11 +242,12 @@ def build_aero_model(
         "ctc_weight": ctc_weight,
         "liger": liger,
         "loss_chunk_tokens": loss_chunk_tokens,
+        "ctc_only": ctc_only,
     }
     if kind == "whisper":
         whisper = {k: v for k, v in encoder.items() if k != "type"}
         return AeroModel.from_components(
-            whisper, llm, projector, attn_implementation=attn_implementation, **common
+            whisper, llm, projector, attn_implementation=attn_implementation, init_from=init_from, **common
         )
     if kind not in SSL_TYPES:
         raise ValueError(f"model.encoder.type must be 'whisper' or one of {SSL_TYPES}, got {kind!r}")
@@ -269,5 +272,7 @@ def build_aero_model(
     proj = projector(encoder_dim=enc.hidden_size, llm_dim=lm.config.hidden_size)
     model = AeroModel(enc, proj, lm, tokenizer, **common)
     model.feature_extractor = WaveformWindows()
+    if init_from and init_from.get("ckpt"):
+        model.load_weights_from(init_from["ckpt"], init_from.get("include") or [r"^encoder\."])
     logger.info("AeroModel with a %s encoder (%s) reading raw waveforms", kind, encoder["name_or_path"])
     return model

@@ -370,3 +370,44 @@ def test_ctc_loss_equals_per_row_reference(make_model, make_samples, make_batch)
     assert model.encoder.encoder.conv1.weight.grad.abs().sum() > 0
     assert model.ctc_head.weight.grad.abs().sum() > 0
     assert model.projector.fc1.weight.grad is None
+
+
+def test_ctc_only_loss_is_the_ctc_loss_and_freezes_projector_and_llm(make_model, make_samples, make_batch):
+    batch = make_batch(make_model(ctc_weight=0.5), make_samples([1.3, 2.1]))
+    hybrid = _forward(make_model(ctc_weight=0.5), batch)
+    model = make_model(ctc_weight=1.0, ctc_only=True)
+    out = _forward(model, batch)
+    labels = batch["labels"]
+    n_ctc_targets = int(((labels != -100) & (labels != model.end_of_turn_id)).sum())
+    assert int(out.num_target_tokens) == n_ctc_targets
+    # same seed, same encoder and head: the per-token loss is the hybrid model's CTC term
+    torch.testing.assert_close(out.loss, hybrid.ctc_loss, rtol=1e-5, atol=1e-6)
+    assert out.ctc_loss is None  # not added a second time by the training step
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    assert not any(p.requires_grad for p in model.projector.parameters())
+    out.loss.backward()
+    assert model.encoder.encoder.conv1.weight.grad.abs().sum() > 0
+
+
+def test_ctc_only_needs_a_ctc_weight(make_model):
+    with pytest.raises(ValueError, match="ctc_weight"):
+        make_model(ctc_only=True)
+
+
+def test_init_from_copies_only_the_included_weights(make_model, tmp_path):
+    source = make_model(ctc_weight=1.0)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.5)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}, ckpt)
+
+    fresh = make_model(ctc_weight=1.0)
+    target = make_model(ctc_weight=1.0, init_from={"ckpt": str(tmp_path / "run"), "include": [r"^encoder\."]})
+    for name, value in target.state_dict().items():
+        expected = source.state_dict()[name] if name.startswith("encoder.") else fresh.state_dict()[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+
+    with pytest.raises(ValueError, match="matches no weight"):
+        target.load_weights_from(ckpt, [r"^no_such_module\."])

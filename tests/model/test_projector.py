@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector
+from aero_lightning.model.projector import PROJECTORS, AvgPoolProjector, MLPStackProjector, projector_spec
 
 
 def _identity(linear: nn.Linear) -> None:
@@ -113,3 +113,16 @@ def test_avgpool_ignores_frames_past_length():
     assert out_lengths.tolist() == [2, 4]
     assert torch.equal(out[:, :2], proj(garbage, lengths)[0][:, :2])
     assert torch.equal(out, proj(garbage, lengths)[0])
+
+
+def test_output_norm_fixes_the_scale_and_round_trips_through_the_spec():
+    torch.manual_seed(0)
+    proj = MLPStackProjector(encoder_dim=3, llm_dim=8, stack_factor=2, hidden_dim=16, output_norm=True)
+    out, lengths = proj(100.0 * torch.randn(2, 6, 3), torch.tensor([6, 3]))
+    # RMSNorm with unit gain: every token has root-mean-square 1 whatever the input scale
+    torch.testing.assert_close(out.pow(2).mean(-1).sqrt(), torch.ones(2, 3), rtol=1e-4, atol=1e-4)
+    spec = projector_spec(proj)
+    assert spec == {"type": "mlp_stack", "stack_factor": 2, "hidden_dim": 16, "output_norm": True}
+    kind = spec.pop("type")
+    assert isinstance(PROJECTORS[kind](encoder_dim=3, llm_dim=8, **spec).norm, torch.nn.RMSNorm)
+    assert projector_spec(AvgPoolProjector(3, 8, pool=2)) == {"type": "avgpool_linear", "pool": 2}
