@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from aero_lightning.data.synth import build_demo_corpus
+from aero_lightning.model.encoders import WhisperAudioEncoder
 from aero_lightning.model.tiny import build_tiny_components, corpus_texts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +100,41 @@ def test_checkpoint_resume_continues_step_count(demo_env):
     assert changed, "resumed training did not update any parameter"
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
+
+
+def test_two_stage_demo_ctc_then_demo_long(demo_env):
+    """Stage 1 trains the encoder alone (LLM untouched); stage 2 starts from that encoder and keeps it frozen."""
+    root, corpus, model = demo_env
+    stage1, stage2 = root / "stage1", root / "stage2"
+
+    def overrides(experiment: str, out: Path) -> list[str]:
+        common = [o for o in base_overrides(corpus, model, out) if not o.startswith("experiment=")]
+        return [f"experiment={experiment}", *common, "trainer.max_steps=2", "trainer.limit_val_batches=1"]
+
+    first = run_train(*overrides("demo_ctc", stage1), "callbacks.model_checkpoint.every_n_train_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(
+        *overrides("demo_long", stage2),
+        f"model.init_from.ckpt={stage1}",
+        "run_test=false",
+        "model.ctc_weight=0",
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    one = torch.load(stage1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
+    two = torch.load(stage2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
+    llm0 = AutoModelForCausalLM.from_pretrained(model / "llm").state_dict()
+    encoder = [k for k in one if k.startswith("model.encoder.")]
+    assert encoder and all(torch.equal(one[k], two[k]) for k in encoder)  # copied, then frozen
+    # stage 1 never ran the LLM; stage 2 trained it
+    assert all(torch.equal(one[f"model.llm.{k}"], v) for k, v in llm0.items() if f"model.llm.{k}" in one)
+    assert any(not torch.equal(two[f"model.llm.{k}"], v) for k, v in llm0.items() if f"model.llm.{k}" in two)
+    enc0 = WhisperAudioEncoder.from_pretrained(str(model / "encoder")).state_dict()
+    assert any(not torch.equal(one[f"model.encoder.{k}"], v) for k, v in enc0.items())  # stage 1 trained it
 
 
 def test_missing_data_folder_fails_before_training(demo_env, tmp_path):
