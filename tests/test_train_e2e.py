@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from aero_lightning.data.synth import build_demo_corpus
@@ -238,3 +239,23 @@ def test_bad_training_samples_are_skipped_counted_and_logged(demo_env, tmp_path)
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert "data/rejected/bad_json" in events.Tags()["scalars"]
+
+
+def test_ddp_validation_when_a_rank_gets_no_shard_of_a_set(demo_env):
+    """4 validation sentences in one shard, 2 ranks: rank 1 has no batch of the set but joins the gather."""
+    root, corpus, model = demo_env
+    out = root / "ddp_val"
+    proc = run_train(
+        *base_overrides(corpus, model, out),
+        "strategy=ddp",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "run_test=false",
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    (val,) = events.Scalars("val/demo_espeak/loss")
+    assert val.step == 1 and val.value > 0  # the token-weighted mean of rank 0's batches
