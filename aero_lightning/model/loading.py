@@ -48,6 +48,8 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
         )
     if path.is_file() or (path / "aero_config.json").is_file():
         return path
+    if (path / "checkpoints" / "last.ckpt").is_dir():  # a DeepSpeed run folder: last.ckpt is itself a folder
+        path = path / "checkpoints" / "last.ckpt"
     if (path / "checkpoint").is_dir() or (path / "latest").is_file():
         raise ValueError(
             f'{path} is a DeepSpeed checkpoint folder (sharded). Convert it to one file first: python -c "from '

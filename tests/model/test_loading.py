@@ -53,3 +53,12 @@ def test_weights_that_do_not_fit_the_config_are_rejected(run, tmp_path):
     torch.save(state, bad)
     with pytest.raises(RuntimeError, match="missing .*projector.fc1.weight"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("given", ["run", "last.ckpt"])
+def test_deepspeed_checkpoint_folder_asks_for_conversion(tmp_path, given):
+    # a DeepSpeed run: checkpoints/last.ckpt is a folder of shards with a `checkpoint/` subfolder
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    (last / "checkpoint").mkdir(parents=True)
+    with pytest.raises(ValueError, match="convert_zero_checkpoint_to_fp32_state_dict"):
+        resolve_checkpoint(tmp_path / "run" if given == "run" else last)
