@@ -56,7 +56,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -68,6 +67,7 @@ import numpy as np
 import soxr
 from tqdm.auto import tqdm
 
+from aero_lightning.cli import run_key_value_cli
 from aero_lightning.data.corpora import COLUMN_FIELDS, CORPORA, CorpusSpec, FolderTable, get_corpus
 from aero_lightning.data.shards import (
     MANIFEST_NAME,
@@ -1360,17 +1360,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Raises:
         SystemExit: with the usage text on ``-h``/``--help`` (status 0) or on bad arguments (status 2).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        sys.stdout.write(USAGE)
-        raise SystemExit(0)
-    try:
-        kwargs = parse_args(argv)
-    except ValueError as err:
-        sys.stderr.write(f"error: {err}\n\n{USAGE}")
-        raise SystemExit(2) from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return prepare_corpus(**kwargs)
+    return run_key_value_cli(argv, USAGE, parse_args, prepare_corpus)
 
 
 if __name__ == "__main__":

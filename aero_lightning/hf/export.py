@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from safetensors.torch import save_file
 
 import aero_lightning
+from aero_lightning.cli import run_key_value_cli
 from aero_lightning.data.shards import DEFAULT_ASR_PROMPT
 from aero_lightning.eval.decode import GenerationOptions, chars_per_token
 from aero_lightning.hf.configuration_aero import AeroConfig
@@ -334,17 +334,7 @@ def _parse(argv: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Command-line entry point (:data:`USAGE`); exits with status 2 on bad arguments."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        sys.stdout.write(USAGE)
-        raise SystemExit(0)
-    try:
-        kwargs = _parse(argv)
-    except ValueError as err:
-        sys.stderr.write(f"error: {err}\n\n{USAGE}")
-        raise SystemExit(2) from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return export(**kwargs)
+    return run_key_value_cli(argv, USAGE, _parse, export)
 
 
 if __name__ == "__main__":
