@@ -300,18 +300,14 @@ class AeroModel(nn.Module):
             FileNotFoundError: if ``ckpt`` does not exist.
             ValueError: if a pattern matches no weight of the checkpoint, or a matching weight's shape differs.
         """
-        from aero_lightning.model.loading import (  # loading imports this module
-            MODEL_PREFIX,
-            resolve_checkpoint,
-        )
+        from aero_lightning.model.loading import lightning_model_weights, resolve_checkpoint  # imports us
 
         path = resolve_checkpoint(ckpt)
         if path.is_dir():
             raise ValueError(
                 f"init_from needs a Lightning checkpoint of a training run, got the folder {path}"
             )
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        source = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+        source, _ = lightning_model_weights(path)
         own = self.state_dict()
         patterns = [re.compile(p) for p in include]
         picked = {k: v for k, v in source.items() if k in own and any(p.search(k) for p in patterns)}

@@ -96,6 +96,24 @@ def _model_from_config(config_file: Path, attn_implementation: str | None) -> Ae
     return instantiate(model_cfg, _convert_="all")
 
 
+def lightning_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The :class:`AeroModel` weights of a Lightning ``.ckpt`` file, named as in ``AeroModel.state_dict()``, and
+    the checkpoint's ``global_step`` (None when absent).
+
+    Raises:
+        ValueError: if the file has no ``state_dict`` or no weight under :data:`MODEL_PREFIX`.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" not in state:
+        raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+    weights = {
+        k[len(MODEL_PREFIX) :]: v for k, v in state["state_dict"].items() if k.startswith(MODEL_PREFIX)
+    }
+    if not weights:
+        raise ValueError(f"{path} holds no weights under the prefix {MODEL_PREFIX!r}")
+    return weights, state.get("global_step")
+
+
 def load_model(
     ckpt: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -126,21 +144,14 @@ def load_model(
     else:
         config_file = Path(config) if config is not None else find_run_config(path)
         model = _model_from_config(config_file, attn_implementation)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if "state_dict" not in state:
-            raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
-        weights = {
-            k[len(MODEL_PREFIX) :]: v for k, v in state["state_dict"].items() if k.startswith(MODEL_PREFIX)
-        }
-        if not weights:
-            raise ValueError(f"{path} holds no weights under the prefix {MODEL_PREFIX!r}")
+        weights, step = lightning_model_weights(path)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise RuntimeError(
                 f"{path} does not fit the model of {config_file}: missing {list(missing)[:8]} "
                 f"(+{max(0, len(missing) - 8)}), unexpected {list(unexpected)[:8]} (+{max(0, len(unexpected) - 8)})"
             )
-        source = f"checkpoint {path} (step {state.get('global_step', '?')}, config {config_file})"
+        source = f"checkpoint {path} (step {'?' if step is None else step}, config {config_file})"
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=torch.device(device))
