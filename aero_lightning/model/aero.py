@@ -456,7 +456,7 @@ class AeroModel(nn.Module):
                 acc += proj[w]
                 w += 1
             lab = docs[b][1]
-            target = lab[(lab != IGNORE_INDEX) & (lab != self.end_of_turn_id)]
+            target = lab[self._ctc_targets(lab)]
             if n_slots and len(target):
                 rows.append(log_probs[start:w][valid[start:w]])  # (frames_b, V)
                 targets.append(target.to(hidden.device))
@@ -474,9 +474,9 @@ class AeroModel(nn.Module):
         )
         return loss / target_lengths.sum()
 
-    def _ctc_target_tokens(self, labels: torch.Tensor) -> torch.Tensor:
-        """The CTC targets' token count: reply tokens without the end-of-turn token."""
-        return ((labels != IGNORE_INDEX) & (labels != self.end_of_turn_id)).sum()
+    def _ctc_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Mask of the CTC targets in ``labels``: the reply tokens without the end-of-turn token."""
+        return (labels != IGNORE_INDEX) & (labels != self.end_of_turn_id)
 
     # ------------------------------------------------------------------ LM
     def forward(
@@ -515,7 +515,7 @@ class AeroModel(nn.Module):
         inputs_embeds, encoded = self._inputs_embeds_and_audio(input_ids, input_features, feature_lengths)
         if self.ctc_only and labels is not None and encoded is not None:
             ctc = self._ctc_loss(encoded, input_ids, labels, cu_seqlens)
-            n = self._ctc_target_tokens(labels)
+            n = self._ctc_targets(labels).sum()
             return AeroOutput(logits=None, loss_sum=ctc * n, num_target_tokens=n)
         packed = packed_attention_kwargs(cu_seqlens) if cu_seqlens is not None else {}
         kwargs = {
