@@ -52,13 +52,17 @@ def main() -> None:
             feats, lengths = model.compute_features(batch["audio_windows"], batch["window_lengths"])
             hidden, enc_lengths = model.encoder(feats, lengths)  # (W, S, D_enc): one window per demo clip
             if hidden.shape[0] != len(batch["references"]):
-                raise SystemExit("clips longer than 30 s (several windows) are not handled by this diagnostic")
+                raise SystemExit(
+                    "clips longer than 30 s (several windows) are not handled by this diagnostic"
+                )
             log_probs = model.ctc_head(hidden).float().log_softmax(-1)
             for row, n, ref in zip(log_probs, enc_lengths.tolist(), batch["references"]):
                 hyps.append(model.tokenizer.decode(greedy_ctc(row, n, blank), skip_special_tokens=True))
                 refs.append(ref)
     result = corpus_wer(refs, hyps)
-    print(f"greedy CTC on {args.split}: {len(refs)} utterances, WER {100 * result.wer:.1f} %  {result.to_dict()}")
+    print(
+        f"greedy CTC on {args.split}: {len(refs)} utterances, WER {100 * result.wer:.1f} %  {result.to_dict()}"
+    )
     for ref, hyp in list(zip(refs, hyps))[:5]:
         print(f"  ref: {ref}\n  hyp: {hyp}")
 
