@@ -103,10 +103,11 @@ def test_checkpoint_resume_continues_step_count(demo_env):
     assert events, "no TensorBoard event file written"
 
 
-def test_two_stage_demo_ctc_then_demo_long(demo_env):
-    """Stage 1 trains the encoder alone (LLM untouched); stage 2 starts from that encoder and keeps it frozen."""
+def test_three_stage_demo_ctc_then_demo_long_then_demo_finetune(demo_env):
+    """Stage 1 trains the encoder alone (LLM untouched); stage 2 starts from that encoder and keeps it and the
+    projector frozen; stage 3 starts from all of stage 2's weights and trains every one of them."""
     root, corpus, model = demo_env
-    stage1, stage2 = root / "stage1", root / "stage2"
+    stage1, stage2, stage3 = root / "stage1", root / "stage2", root / "stage3"
 
     def overrides(experiment: str, out: Path) -> list[str]:
         common = [o for o in base_overrides(corpus, model, out) if not o.startswith("experiment=")]
@@ -136,6 +137,17 @@ def test_two_stage_demo_ctc_then_demo_long(demo_env):
     assert any(not torch.equal(two[f"model.llm.{k}"], v) for k, v in llm0.items() if f"model.llm.{k}" in two)
     enc0 = WhisperAudioEncoder.from_pretrained(str(model / "encoder")).state_dict()
     assert any(not torch.equal(one[f"model.encoder.{k}"], v) for k, v in enc0.items())  # stage 1 trained it
+
+    third = run_train(*overrides("demo_finetune", stage3), f"model.init_from.ckpt={stage2}", "run_test=false")
+    assert third.returncode == 0, third.stderr[-3000:]
+    three = torch.load(stage3 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
+    log = (stage3 / "train.log").read_text()
+    assert f"init_from {stage2 / 'checkpoints' / 'last.ckpt'}: copied {len(two)} tensors" in log
+    for part in ("model.encoder.", "model.projector.", "model.llm."):
+        names = [k for k in two if k.startswith(part) and three[k].is_floating_point()]
+        assert any(not torch.equal(two[k], three[k]) for k in names), f"stage 3 did not train {part}"
 
 
 def test_missing_data_folder_fails_before_training(demo_env, tmp_path):
