@@ -1,6 +1,7 @@
 """How much does the encoder alone hear? Greedy CTC decoding of a checkpoint's CTC head, scored like the demo.
 
-    python experiments/demo/ctc_greedy.py outputs/demo_ctc [--split test] [--ckpt-file step0001000.ckpt]
+    python experiments/demo/ctc_greedy.py outputs/demo_ctc [--split test|validation] [--corpus DIR]
+    python experiments/demo/ctc_greedy.py outputs/demo_ctc/checkpoints/step0002000.ckpt   # one checkpoint
 
 Greedy CTC (Graves et al. 2006): per encoder frame the most likely token, repeats merged, blanks (the pad token,
 the CTC blank of ``AeroModel``) removed, tokens decoded with the LLM tokenizer. WER is pooled over the split with
