@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 from transformers import WhisperConfig
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids
 
 from aero_lightning.model.attention import PACKED_IMPLEMENTATIONS, packed_attention_kwargs
 
@@ -48,9 +48,21 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
     (``openai/whisper-large-v3``: keys under ``model.encoder.``, stripped through ``base_model_prefix``).
 
     ``forward_windows`` is the padding-free path; the inherited ``forward`` is untouched (30 s only).
+
+    A new (random-init) encoder gets Whisper's fixed sinusoidal position table (Radford et al. 2022, sec. 2.2;
+    transformers' ``sinusoids``). transformers 5.x initialises it only for ``WhisperEncoder`` itself: a subclass
+    defined outside the library keeps the ``N(0, 0.02)`` embedding init, which leaves self-attention nearly blind
+    to order. ``from_pretrained`` then overwrites the table with the checkpoint's.
     """
 
     base_model_prefix = "model.encoder"
+
+    def __init__(self, config: WhisperConfig):
+        super().__init__(config)
+        weight = self.embed_positions.weight
+        if weight.device.type != "meta":  # from_pretrained builds on meta and loads the checkpoint's table
+            with torch.no_grad():
+                weight.copy_(sinusoids(*weight.shape).to(weight.dtype))
 
     def forward_windows(
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor, padding_free: bool = True

@@ -123,3 +123,23 @@ def test_sinusoidal_positions_stay_fixed(tiny_dir):
     hidden.sum().backward()
     assert table.grad is None
     assert encoder.encoder.conv1.weight.grad is not None
+
+
+def test_new_encoder_has_whisper_sinusoids_and_loading_keeps_the_checkpoint_table(tiny_dir, tmp_path):
+    """A random-init encoder gets Whisper's sinusoid table (transformers 5.x leaves a subclass's at N(0, 0.02));
+    ``from_pretrained`` must still load a checkpoint's own table rather than recompute it."""
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    from aero_lightning.model.encoders import PaddingFreeWhisperEncoder
+
+    loaded = WhisperAudioEncoder.from_pretrained(str(tiny_dir / "encoder")).encoder
+    table = loaded.embed_positions.weight
+    expected = sinusoids(*table.shape)
+    assert torch.equal(table, expected)
+    assert torch.equal(PaddingFreeWhisperEncoder(loaded.config).embed_positions.weight, expected)
+
+    with torch.no_grad():
+        loaded.embed_positions.weight.mul_(0.5)
+    loaded.save_pretrained(tmp_path / "encoder")
+    reloaded = PaddingFreeWhisperEncoder.from_pretrained(tmp_path / "encoder")
+    assert torch.equal(reloaded.embed_positions.weight, 0.5 * expected)
