@@ -196,6 +196,16 @@ class WhisperAudioEncoder(nn.Module):
         if torch_dtype is not None:
             kwargs["dtype"] = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
         encoder = PaddingFreeWhisperEncoder.from_pretrained(name_or_path, **kwargs)
+        table = encoder.embed_positions.weight
+        if table.device.type != "meta" and not torch.allclose(
+            table.float(), sinusoids(*table.shape), atol=1e-2
+        ):
+            logger.warning(
+                "%s: the encoder's position table is not Whisper's sinusoids (an encoder built from scratch "
+                "before aero_lightning fixed its init keeps N(0, 0.02) positions); rebuild it, e.g. "
+                "`python -m aero_lightning.model.tiny ... --overwrite` for the demo model",
+                name_or_path,
+            )
         return cls(encoder, padding_free=padding_free)
 
     @property

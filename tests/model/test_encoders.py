@@ -125,7 +125,7 @@ def test_sinusoidal_positions_stay_fixed(tiny_dir):
     assert encoder.encoder.conv1.weight.grad is not None
 
 
-def test_new_encoder_has_whisper_sinusoids_and_loading_keeps_the_checkpoint_table(tiny_dir, tmp_path):
+def test_new_encoder_has_whisper_sinusoids_and_loading_keeps_the_checkpoint_table(tiny_dir, tmp_path, caplog):
     """A random-init encoder gets Whisper's sinusoid table (transformers 5.x leaves a subclass's at N(0, 0.02));
     ``from_pretrained`` must still load a checkpoint's own table rather than recompute it."""
     from transformers.models.whisper.modeling_whisper import sinusoids
@@ -143,3 +143,11 @@ def test_new_encoder_has_whisper_sinusoids_and_loading_keeps_the_checkpoint_tabl
     loaded.save_pretrained(tmp_path / "encoder")
     reloaded = PaddingFreeWhisperEncoder.from_pretrained(tmp_path / "encoder")
     assert torch.equal(reloaded.embed_positions.weight, 0.5 * expected)
+    # the adapter loads it too, and says the table is not Whisper's
+    with caplog.at_level("WARNING", logger="aero_lightning.model.encoders"):
+        WhisperAudioEncoder.from_pretrained(str(tmp_path / "encoder"))
+    assert "not Whisper's sinusoids" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="aero_lightning.model.encoders"):
+        WhisperAudioEncoder.from_pretrained(str(tiny_dir / "encoder"))
+    assert "sinusoids" not in caplog.text
