@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/python -m aero_lightning.model.tiny --corpus $(DEMO_CORPUS) --out $(DEMO_MODEL)
 	$(BIN)/python train.py experiment=demo $(DEMO_ARGS)
 
-# The longer demo (experiments/demo/README.md, 56 min of training on 2 cores): a 40 000-sentence corpus and a
+# The longer demo (experiments/demo/README.md, 58 min on 2 cores): a 40 000-sentence corpus and a
 # tokenizer trained on it (both replace the `make demo` ones in place), encoder CTC pre-training
 # (experiment=demo_ctc), the LLM on the frozen encoder and projector (experiment=demo_long), then all weights
 # (experiment=demo_finetune); prints the test WER.
