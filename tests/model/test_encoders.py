@@ -6,9 +6,13 @@ import math
 
 import pytest
 import torch
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids
 
-from aero_lightning.model.encoders import WhisperAudioEncoder, whisper_output_lengths
+from aero_lightning.model.encoders import (
+    PaddingFreeWhisperEncoder,
+    WhisperAudioEncoder,
+    whisper_output_lengths,
+)
 
 ATOL = 1e-5
 
@@ -128,10 +132,6 @@ def test_sinusoidal_positions_stay_fixed(tiny_dir):
 def test_new_encoder_has_whisper_sinusoids_and_loading_keeps_the_checkpoint_table(tiny_dir, tmp_path, caplog):
     """A random-init encoder gets Whisper's sinusoid table (transformers 5.x leaves a subclass's at N(0, 0.02));
     ``from_pretrained`` must still load a checkpoint's own table rather than recompute it."""
-    from transformers.models.whisper.modeling_whisper import sinusoids
-
-    from aero_lightning.model.encoders import PaddingFreeWhisperEncoder
-
     loaded = WhisperAudioEncoder.from_pretrained(str(tiny_dir / "encoder")).encoder
     table = loaded.embed_positions.weight
     expected = sinusoids(*table.shape)
