@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +29,34 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ra
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+_UNFREEZE_KEYS = {"at_step", "patterns", "lr_scale", "warmup_steps"}
+
+
+def _check_unfreeze(unfreeze: Mapping | None) -> dict | None:
+    """Validate ``module.unfreeze`` (see :class:`AeroLitModule`); ``None`` or ``{}`` means off."""
+    if not unfreeze:
+        return None
+    unknown = set(unfreeze) - _UNFREEZE_KEYS
+    if unknown:
+        raise ValueError(
+            f"module.unfreeze: unknown keys {sorted(unknown)}; allowed: {sorted(_UNFREEZE_KEYS)}"
+        )
+    out = {
+        "at_step": int(unfreeze.get("at_step", 0)),
+        "patterns": list(unfreeze.get("patterns") or []),
+        "lr_scale": float(unfreeze.get("lr_scale", 1.0)),
+        "warmup_steps": int(unfreeze.get("warmup_steps", 0)),
+    }
+    if out["at_step"] < 1 or not out["patterns"]:
+        raise ValueError(
+            "module.unfreeze needs at_step >= 1 and a non-empty patterns list, e.g. "
+            "{at_step: 2000, patterns: ['^encoder\\.', '^projector\\.']}; set module.unfreeze=null to turn it off"
+        )
+    if out["lr_scale"] <= 0 or out["warmup_steps"] < 0:
+        raise ValueError(f"module.unfreeze: lr_scale must be > 0 and warmup_steps >= 0, got {dict(unfreeze)}")
+    return out
+
+
 class AeroLitModule(L.LightningModule):
     """Lightning wrapper: AdamW + cosine schedule with warmup, loss/LR logging, greedy test decoding with WER.
 
@@ -41,6 +70,17 @@ class AeroLitModule(L.LightningModule):
         max_new_tokens: generation budget in test decoding.
         num_beams: beams in test decoding (1 = greedy).
         predictions_dir: where test predictions JSONL and WER JSON are written (None: the trainer's log dir).
+        unfreeze: a staged schedule in one run, ``{"at_step": K, "patterns": [regex, ...], "lr_scale": 1.0,
+            "warmup_steps": 0}``: the parameters frozen by ``model.freeze`` that match ``patterns`` start
+            training at optimizer step ``K``. They sit in the optimizer from the start, in their own param groups
+            at LR 0; from step ``K`` their LR is ``lr_scale`` times the run's cosine schedule, ramped linearly over
+            ``warmup_steps``. The rest of the model keeps one schedule, with no restart. Single-process runs only
+            (DDP and FSDP fix the trainable set when they wrap the model).
+
+    Raises:
+        ValueError: on an ``unfreeze`` without ``at_step >= 1`` or ``patterns``, with ``lr_scale <= 0``,
+            ``warmup_steps < 0`` or an unknown key; at fit start, when a pattern matches no frozen parameter or the
+            run has more than one process.
     """
 
     def __init__(
@@ -54,33 +94,71 @@ class AeroLitModule(L.LightningModule):
         max_new_tokens: int = 96,
         num_beams: int = 1,
         predictions_dir: str | None = None,
+        unfreeze: Mapping | None = None,
     ):
         super().__init__()
         self.model = model
+        self.unfreeze = _check_unfreeze(unfreeze)
+        self._unfrozen = False
         self.save_hyperparameters(ignore=["model"])
         self._test_records: list[dict] = []
         self.test_metrics: dict = {}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        if not decay and not no_decay:
-            raise ValueError("every parameter is frozen: nothing to train (check model.freeze)")
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
+        # parameters that module.unfreeze trains later; raises if a pattern matches no frozen parameter
+        later = self.model.unfreezable_parameters(self.unfreeze["patterns"]) if self.unfreeze else {}
+        decay, no_decay, decay_later, no_decay_later = [], [], [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+            elif name in later:
+                (decay_later if p.ndim >= 2 else no_decay_later).append(p)
+        if not (decay or no_decay or decay_later or no_decay_later):
+            raise ValueError("every parameter is frozen: nothing to train (check model.freeze)")
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10_000
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: cosine_with_warmup(s, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
+
+        def schedule(step: int) -> float:
+            return cosine_with_warmup(step, hp.warmup_steps, total, hp.min_lr_ratio)
+
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        lambdas = [schedule, schedule]
+        if self.unfreeze:  # the groups exist on resume too, so a checkpoint's optimizer state fits
+            uf = self.unfreeze
+
+            def staged(step: int) -> float:
+                if step < uf["at_step"]:
+                    return 0.0
+                ramp = (
+                    min(1.0, (step - uf["at_step"] + 1) / uf["warmup_steps"]) if uf["warmup_steps"] else 1.0
+                )
+                return uf["lr_scale"] * ramp * schedule(step)
+
+            groups += [
+                {"params": decay_later, "weight_decay": hp.weight_decay},
+                {"params": no_decay_later, "weight_decay": 0.0},
+            ]
+            lambdas += [staged, staged]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.unfreeze and self.trainer.world_size > 1:
+            raise ValueError(
+                "module.unfreeze changes the trainable parameters during the run, which DDP and FSDP do not "
+                "allow: run on one device, or train the stages as separate runs joined by model.init_from"
+            )
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.unfreeze and not self._unfrozen and self.global_step >= self.unfreeze["at_step"]:
+            names = self.model.unfreeze(self.unfreeze["patterns"])
+            self._unfrozen = True
+            logger.info("step %d: unfroze %d parameter tensors (%s)", self.global_step, len(names), names[:3])
 
     # ------------------------------------------------------------------ steps
     def _forward(self, batch: dict):

@@ -206,6 +206,8 @@ class AeroModel(nn.Module):
         if self.ctc_only:  # nothing reaches them: frozen, so DDP sees no unused trainable parameters
             self.freeze_patterns += [p for p in (r"^projector\.", r"^llm\.") if p not in self.freeze_patterns]
         self._frozen_components: list[str] = []
+        # frozen by the components themselves (Whisper's sinusoid table): model.freeze / unfreeze never touch these
+        self._fixed_parameters = {n for n, p in self.named_parameters() if not p.requires_grad}
         self.apply_freeze(self.freeze_patterns)
         if gradient_checkpointing:
             _enable_checkpointing(self.llm)
@@ -341,6 +343,53 @@ class AeroModel(nn.Module):
             raise ValueError(
                 f"freeze patterns {unused} match no parameter; names look like 'encoder.encoder.conv1.weight'"
             )
+        self._update_frozen_components()
+
+    def unfreezable_parameters(self, patterns: Sequence[str]) -> dict[str, nn.Parameter]:
+        """The frozen parameters that :meth:`unfreeze` with ``patterns`` would make trainable, by name.
+
+        Parameters that a component fixes itself (Whisper's sinusoid position table) are never included.
+
+        Raises:
+            ValueError: if a pattern matches no such parameter.
+        """
+        compiled = [re.compile(p) for p in patterns]
+        hits = {p.pattern: 0 for p in compiled}
+        found = {}
+        for name, param in self.named_parameters():
+            if param.requires_grad or name in self._fixed_parameters:
+                continue
+            matched = [p.pattern for p in compiled if p.search(name)]
+            for pattern in matched:
+                hits[pattern] += 1
+            if matched:
+                found[name] = param
+        unused = [p for p, n in hits.items() if n == 0]
+        if unused:
+            raise ValueError(f"unfreeze patterns {unused} match no frozen parameter (frozen by model.freeze)")
+        return found
+
+    def unfreeze(self, patterns: Sequence[str]) -> list[str]:
+        """Set ``requires_grad=True`` on the frozen parameters whose name matches any regex in ``patterns``.
+
+        The inverse of :meth:`apply_freeze`, for a schedule that trains a part only after some steps
+        (``module.unfreeze`` in :class:`~aero_lightning.lit_module.AeroLitModule`). Parameters that a component
+        fixes itself (Whisper's sinusoid position table) stay frozen. Components that become trainable leave eval
+        mode if the model is in training mode.
+
+        Returns:
+            The names of the parameters made trainable, sorted.
+
+        Raises:
+            ValueError: if a pattern matches no frozen parameter.
+        """
+        found = self.unfreezable_parameters(patterns)
+        for param in found.values():
+            param.requires_grad_(True)
+        self._update_frozen_components()
+        return sorted(found)
+
+    def _update_frozen_components(self) -> None:
         self._frozen_components = [
             name
             for name, module in (("encoder", self.encoder), ("projector", self.projector), ("llm", self.llm))

@@ -149,6 +149,21 @@ def test_freeze_pattern_matching_nothing_raises(make_model):
         make_model(freeze=["^encoder\\.", "^decoder\\."])
 
 
+def test_unfreeze_makes_matching_frozen_parameters_trainable_and_leaves_eval_mode(make_model):
+    model = make_model(freeze=["^encoder\\.", "^llm\\."]).train()
+    table = "encoder.encoder.embed_positions.weight"  # fixed by the adapter (sinusoids), not by freeze
+    encoder_names = sorted(n for n, _ in model.named_parameters() if n.startswith("encoder.") and n != table)
+    frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert model.unfreeze(["^encoder\\."]) == encoder_names
+    frozen_after = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen_after == frozen_before - set(encoder_names)
+    assert table in frozen_after and any(n.startswith("llm.") for n in frozen_after)
+    assert all(m.training for m in model.encoder.modules())
+    assert _components_in_eval(model, "llm")
+    with pytest.raises(ValueError, match=r"\['\^encoder\\\\.'\] match no frozen parameter"):
+        model.unfreeze(["^encoder\\.", "^llm\\."])  # the encoder is trainable now
+
+
 def test_frozen_encoder_and_llm_with_gradient_checkpointing(make_model, make_samples, make_batch):
     model = make_model(freeze=["^encoder\\.", "^llm\\."], gradient_checkpointing=True).train()
     batch = make_batch(model, make_samples([0.7, 2.3]))
