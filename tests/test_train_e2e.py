@@ -166,7 +166,8 @@ def test_staged_unfreeze_trains_encoder_and_projector_from_its_step_and_after_re
     ]
     first = run_train(*common, "trainer.max_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "step 2: unfroze" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "more trainable from step 2" in log and "step 2: unfroze" in log
 
     def load(name: str) -> dict:
         return torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=False)

@@ -73,7 +73,8 @@ class AeroOutput:
         logits: ``(B, L, V)``.
         loss_sum: summed token cross-entropy over target tokens (scalar), or None without labels.
         num_target_tokens: number of target tokens (scalar long), or None.
-        ctc_loss: auxiliary CTC loss per target token (scalar), when the model's ``ctc_weight > 0``.
+        ctc_loss: auxiliary CTC loss per target token (scalar), when the model's ``ctc_weight > 0`` and the CTC
+            head or the encoder is trainable (with both frozen the term has no gradient and is not computed).
     """
 
     logits: torch.Tensor
@@ -523,6 +524,11 @@ class AeroModel(nn.Module):
         )
         return loss / target_lengths.sum()
 
+    def _ctc_reaches_a_trainable_weight(self) -> bool:
+        # with the encoder and the head frozen (the first phase of module.unfreeze) the CTC term has no gradient:
+        # skipping it saves the CTC forward, about a tenth of a demo step on CPU
+        return self.ctc_head.weight.requires_grad or "encoder" not in self._frozen_components
+
     def _ctc_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Mask of the CTC targets in ``labels``: the reply tokens without the end-of-turn token."""
         return (labels != IGNORE_INDEX) & (labels != self.end_of_turn_id)
@@ -598,7 +604,7 @@ class AeroModel(nn.Module):
             )
             num_targets = (shift_labels != IGNORE_INDEX).sum()
         ctc = None
-        if self.ctc_weight > 0 and encoded is not None:
+        if self.ctc_weight > 0 and encoded is not None and self._ctc_reaches_a_trainable_weight():
             ctc = self._ctc_loss(encoded, input_ids, labels, cu_seqlens)
         return AeroOutput(logits=logits, loss_sum=loss_sum, num_target_tokens=num_targets, ctc_loss=ctc)
 

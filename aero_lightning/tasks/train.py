@@ -68,6 +68,13 @@ def train(cfg: DictConfig) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %.2fM trainable", n_all / 1e6, n_train / 1e6)
+    if module.unfreeze:  # raises here, before training, if a pattern matches no frozen parameter
+        later = model.unfreezable_parameters(module.unfreeze["patterns"])
+        logger.info(
+            "module.unfreeze: %.2fM more trainable from step %d",
+            sum(p.numel() for p in later.values()) / 1e6,
+            module.unfreeze["at_step"],
+        )
 
     trainer = build_trainer(cfg)
     output_dir = Path(cfg.paths.output_dir)

@@ -164,6 +164,14 @@ def test_unfreeze_makes_matching_frozen_parameters_trainable_and_leaves_eval_mod
         model.unfreeze(["^encoder\\.", "^llm\\."])  # the encoder is trainable now
 
 
+def test_ctc_term_is_skipped_while_encoder_and_head_are_frozen(make_model, make_samples, make_batch):
+    model = make_model(ctc_weight=0.3, freeze=["^encoder\\.", "^ctc_head\\."]).train()
+    batch = make_batch(model, make_samples([0.7, 2.3]))
+    assert _forward(model, batch).ctc_loss is None  # no gradient could reach a weight
+    model.unfreeze(["^ctc_head\\."])
+    assert _forward(model, batch).ctc_loss > 0
+
+
 def test_frozen_encoder_and_llm_with_gradient_checkpointing(make_model, make_samples, make_batch):
     model = make_model(freeze=["^encoder\\.", "^llm\\."], gradient_checkpointing=True).train()
     batch = make_batch(model, make_samples([0.7, 2.3]))
