@@ -150,50 +150,61 @@ def test_three_stage_demo_ctc_then_demo_long_then_demo_finetune(demo_env):
         assert any(not torch.equal(two[k], three[k]) for k in names), f"stage 3 did not train {part}"
 
 
-def test_staged_unfreeze_trains_encoder_and_projector_from_its_step_and_after_resume(demo_env):
-    """module.unfreeze: encoder and projector frozen for 2 steps, then trained at half the schedule's LR; a run
-    resumed after the switch keeps training them."""
+def test_demo_ctc_then_demo_staged_unfreezes_at_its_step_and_after_resume(demo_env):
+    """experiment=demo_staged from a demo_ctc run: stage 1's encoder and CTC head are copied and frozen with the
+    projector until module.unfreeze.at_step, then trained at half the schedule's LR; a run resumed after the
+    switch keeps training them."""
     root, corpus, model = demo_env
-    out = root / "staged"
-    common = [
-        *base_overrides(corpus, model, out),
-        "run_test=false",
-        "trainer.val_check_interval=100",
-        "trainer.limit_val_batches=1",
-        "callbacks.model_checkpoint.every_n_train_steps=1",
-        r'model.freeze=["^encoder\.","^projector\."]',
-        r'module.unfreeze={at_step:2,patterns:["^encoder\.","^projector\."],lr_scale:0.5}',
-    ]
-    first = run_train(*common, "trainer.max_steps=3")
+    stage1, out = root / "staged_stage1", root / "staged"
+
+    def overrides(experiment: str, run: Path) -> list[str]:
+        common = [o for o in base_overrides(corpus, model, run) if not o.startswith("experiment=")]
+        return [f"experiment={experiment}", *common, "trainer.limit_val_batches=1", "run_test=false"]
+
+    first = run_train(*overrides("demo_ctc", stage1), "trainer.max_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
+    staged = [
+        *overrides("demo_staged", out),
+        f"model.init_from.ckpt={stage1}",
+        "module.unfreeze.at_step=2",
+        "trainer.accumulate_grad_batches=1",
+        "trainer.val_check_interval=100",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+    ]
+    second = run_train(*staged, "trainer.max_steps=3")
+    assert second.returncode == 0, second.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "more trainable from step 2" in log and "step 2: unfroze" in log
 
     def load(name: str) -> dict:
         return torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=False)
 
+    one = torch.load(stage1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
     s1, s2, s3 = (load(f"step000000{i}.ckpt") for i in (1, 2, 3))
-    enc0 = WhisperAudioEncoder.from_pretrained(str(model / "encoder")).state_dict()
-    table = "encoder.embed_positions.weight"
-    for k, v in enc0.items():  # frozen for steps 0 and 1
-        assert torch.equal(s2["state_dict"][f"model.encoder.{k}"], v), k
-    for part in ("model.encoder.encoder.layers.", "model.projector.", "model.llm."):
+    copied = [k for k in one if k.startswith(("model.encoder.", "model.ctc_head."))]
+    assert copied and all(torch.equal(s2["state_dict"][k], one[k]) for k in copied)  # copied, then frozen
+    for part in ("model.encoder.encoder.layers.", "model.projector.", "model.ctc_head.", "model.llm."):
         names = [k for k in s3["state_dict"] if k.startswith(part)]
         assert names and any(not torch.equal(s2["state_dict"][k], s3["state_dict"][k]) for k in names), part
-    assert torch.equal(s3["state_dict"][f"model.encoder.{table}"], enc0[table])  # Whisper's table stays fixed
-    # groups: LLM (decay, no decay), then the unfrozen encoder + projector at 0 until step 2, then 0.5 x the LR
+    table = "model.encoder.encoder.embed_positions.weight"  # Whisper's sinusoids stay fixed
+    assert torch.equal(s3["state_dict"][table], one[table])
+    # groups: LLM (decay, no decay), then encoder + projector + CTC head at 0 until step 2, then 0.5 x the LR
     lrs1, lrs3 = s1["lr_schedulers"][0]["_last_lr"], s3["lr_schedulers"][0]["_last_lr"]
     assert lrs1[2:] == [0.0, 0.0] and lrs1[0] > 0
-    assert lrs3[2] == pytest.approx(0.5 * lrs3[0]) and lrs3[3] == pytest.approx(0.5 * lrs3[1])
+    ramp = 2 / 50  # the LR for step 3, the second of module.unfreeze.warmup_steps
+    assert lrs3[2] == pytest.approx(0.5 * ramp * lrs3[0]) and lrs3[3] == pytest.approx(0.5 * ramp * lrs3[1])
 
-    second = run_train(
-        *common, "trainer.max_steps=4", f"ckpt_path={out / 'checkpoints' / 'step0000003.ckpt'}"
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
+    third = run_train(*staged, "trainer.max_steps=4", f"ckpt_path={out / 'checkpoints' / 'step0000003.ckpt'}")
+    assert third.returncode == 0, third.stderr[-3000:]
     s4 = load("step0000004.ckpt")
     assert s4["global_step"] == 4
     encoder = [k for k in s4["state_dict"] if k.startswith("model.encoder.encoder.layers.")]
     assert any(not torch.equal(s3["state_dict"][k], s4["state_dict"][k]) for k in encoder)
+    assert s4["lr_schedulers"][0]["_last_lr"][2] == pytest.approx(
+        0.5 * 3 / 50 * s4["lr_schedulers"][0]["_last_lr"][0]
+    )
 
 
 def test_missing_data_folder_fails_before_training(demo_env, tmp_path):
