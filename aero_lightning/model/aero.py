@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +133,22 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _match_parameters(
+    patterns: Sequence[str], named: Iterable[tuple[str, nn.Parameter]]
+) -> tuple[dict[str, nn.Parameter], list[str]]:
+    """The parameters whose name matches any regex in ``patterns``, and the patterns that matched none."""
+    compiled = [re.compile(p) for p in patterns]
+    hits = dict.fromkeys(patterns, 0)
+    found = {}
+    for name, param in named:
+        matched = [p.pattern for p in compiled if p.search(name)]
+        for pattern in matched:
+            hits[pattern] += 1
+        if matched:
+            found[name] = param
+    return found, [p for p, n in hits.items() if n == 0]
 
 
 def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -332,18 +348,13 @@ class AeroModel(nn.Module):
         Raises:
             ValueError: if a pattern matches no parameter (a typo would silently train everything).
         """
-        compiled = [re.compile(p) for p in patterns]
-        hits = {p.pattern: 0 for p in compiled}
-        for name, param in self.named_parameters():
-            for p in compiled:
-                if p.search(name):
-                    param.requires_grad_(False)
-                    hits[p.pattern] += 1
-        unused = [p for p, n in hits.items() if n == 0]
+        found, unused = _match_parameters(patterns, self.named_parameters())
         if unused:
             raise ValueError(
                 f"freeze patterns {unused} match no parameter; names look like 'encoder.encoder.conv1.weight'"
             )
+        for param in found.values():
+            param.requires_grad_(False)
         self._update_frozen_components()
 
     def unfreezable_parameters(self, patterns: Sequence[str]) -> dict[str, nn.Parameter]:
@@ -354,18 +365,12 @@ class AeroModel(nn.Module):
         Raises:
             ValueError: if a pattern matches no such parameter.
         """
-        compiled = [re.compile(p) for p in patterns]
-        hits = {p.pattern: 0 for p in compiled}
-        found = {}
-        for name, param in self.named_parameters():
-            if param.requires_grad or name in self._fixed_parameters:
-                continue
-            matched = [p.pattern for p in compiled if p.search(name)]
-            for pattern in matched:
-                hits[pattern] += 1
-            if matched:
-                found[name] = param
-        unused = [p for p, n in hits.items() if n == 0]
+        frozen = (
+            (name, param)
+            for name, param in self.named_parameters()
+            if not param.requires_grad and name not in self._fixed_parameters
+        )
+        found, unused = _match_parameters(patterns, frozen)
         if unused:
             raise ValueError(f"unfreeze patterns {unused} match no frozen parameter (frozen by model.freeze)")
         return found
