@@ -128,20 +128,15 @@ def varlen_attention_forward(
             enable_gqa=kv_heads != heads,
         )  # (L, H, d)
         return out[None], None
-    bounds = cu.tolist()
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        outs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                dropout_p=dropout,
-                is_causal=causal,
-                scale=scaling,
-                enable_gqa=kv_heads != heads,
-            )  # (1, H, s_d, d)
-        )
+    # split, not slicing: the backward of a split is one concatenation, while each slice's backward writes its
+    # gradient into a zero tensor of the whole row (D x L work for D documents: ~17 % of a CPU demo step)
+    lengths = torch.diff(cu).tolist()
+    outs = [
+        F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=kv_heads != heads
+        )  # (1, H, s_d, d)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+    ]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (1, L, H, d)
 
 
