@@ -135,7 +135,9 @@ def varlen_attention_forward(
         F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=kv_heads != heads
         )  # (1, H, s_d, d)
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+        for q, k, v in zip(
+            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
+        )
     ]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (1, L, H, d)
 
