@@ -31,7 +31,7 @@ demo: install
 
 # The longer demo (experiments/demo/README.md, 60 min of training on 2 cores): a 40 000-sentence corpus and a
 # tokenizer trained on it (both replace the `make demo` ones in place), encoder CTC pre-training
-# (experiment=demo_ctc), then one run that trains the LLM on the frozen encoder and projector and, from step 750,
+# (experiment=demo_ctc), then one run that trains the LLM on the frozen encoder and projector and, from step 600,
 # every weight (experiment=demo_staged); prints the test WER.
 demo-long: install
 	$(BIN)/python -m aero_lightning.data.synth --out $(DEMO_CORPUS) --train $(DEMO_LONG_TRAIN) --val $(DEMO_VAL) --test $(DEMO_TEST)

@@ -152,8 +152,8 @@ def test_three_stage_demo_ctc_then_demo_long_then_demo_finetune(demo_env):
 
 def test_demo_ctc_then_demo_staged_unfreezes_at_its_step_and_after_resume(demo_env):
     """experiment=demo_staged from a demo_ctc run: stage 1's encoder and CTC head are copied and frozen with the
-    projector until module.unfreeze.at_step, then trained at half the schedule's LR; a run resumed after the
-    switch keeps training them."""
+    projector until module.unfreeze.at_step, then trained at lr_scale (0.5 here) times the schedule's LR; a run
+    resumed after the switch keeps training them."""
     root, corpus, model = demo_env
     stage1, out = root / "staged_stage1", root / "staged"
 
@@ -167,7 +167,7 @@ def test_demo_ctc_then_demo_staged_unfreezes_at_its_step_and_after_resume(demo_e
         *overrides("demo_staged", out),
         f"model.init_from.ckpt={stage1}",
         "module.unfreeze.at_step=2",
-        "trainer.accumulate_grad_batches=1",
+        "module.unfreeze.lr_scale=0.5",
         "trainer.val_check_interval=100",
         "callbacks.model_checkpoint.every_n_train_steps=1",
     ]
