@@ -129,7 +129,7 @@ def varlen_attention_forward(
         )  # (L, H, d)
         return out[None], None
     # split, not slicing: the backward of a split is one concatenation, while each slice's backward writes its
-    # gradient into a zero tensor of the whole row (D x L work for D documents: ~17 % of a CPU demo step)
+    # gradient into a zero tensor of the whole row (D x L work for D documents: about 16 % of a joint CPU demo step)
     lengths = torch.diff(cu).tolist()
     outs = [
         F.scaled_dot_product_attention(
