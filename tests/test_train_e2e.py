@@ -103,6 +103,33 @@ def test_checkpoint_resume_continues_step_count(demo_env):
     assert events, "no TensorBoard event file written"
 
 
+def test_final_step_is_checkpointed_off_the_save_schedule(demo_env):
+    # 3 steps, saves every 2: Lightning's ModelCheckpoint alone leaves last.ckpt at step 2
+    root, corpus, model = demo_env
+    out = root / "final_step"
+    result = run_train(
+        *base_overrides(corpus, model, out),
+        "run_test=false",
+        "trainer.limit_val_batches=0",
+        "trainer.max_steps=3",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == [
+        "last.ckpt",
+        "step0000002.ckpt",
+        "step0000003.ckpt",
+    ]
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    final = torch.load(ckpts / "step0000003.ckpt", map_location="cpu", weights_only=False)
+    earlier = torch.load(ckpts / "step0000002.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == final["global_step"] == 3
+    assert all(torch.equal(v, final["state_dict"][k]) for k, v in last["state_dict"].items())
+    assert any(not torch.equal(v, earlier["state_dict"][k]) for k, v in last["state_dict"].items())
+    assert json.loads((out / "result.json").read_text())["last_checkpoint"] == str(ckpts / "last.ckpt")
+
+
 def test_three_stage_demo_ctc_then_demo_long_then_demo_finetune(demo_env):
     """Stage 1 trains the encoder alone (LLM untouched); stage 2 starts from that encoder and keeps it and the
     projector frozen; stage 3 starts from all of stage 2's weights and trains every one of them."""
