@@ -34,9 +34,8 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from aero_lightning.data.chat import encode_chat
+from aero_lightning.data.chat import asr_messages, encode_chat
 from aero_lightning.data.packing import collate_packed, collate_padded, plan_packed, plan_padded
-from aero_lightning.data.shards import asr_messages
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
 from aero_lightning.model.flops import batch_lengths, count_params, peak_flops, step_flops

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aero_lightning.data.chat import encode_chat, reference_text
+from aero_lightning.data.chat import asr_messages, encode_chat, reference_text
 from aero_lightning.data.datamodule import make_dataset, resolve_split
 from aero_lightning.data.packing import collate_packed, collate_padded, plan_packed, plan_padded
-from aero_lightning.data.shards import asr_messages
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.projector import MLPStackProjector
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from aero_lightning.data.chat import encode_chat
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT, asr_messages, encode_chat
 from aero_lightning.data.datamodule import AsrCollator
-from aero_lightning.data.shards import DEFAULT_ASR_PROMPT, asr_messages
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.projector import MLPStackProjector
 from aero_lightning.model.tiny import build_tiny_components

@@ -17,10 +17,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from aero_lightning.data.chat import encode_chat
+from aero_lightning.data.chat import asr_messages, encode_chat
 from aero_lightning.data.datamodule import AccumulationGroups
 from aero_lightning.data.packing import collate_packed
-from aero_lightning.data.shards import asr_messages
 from aero_lightning.lit_module import AeroLitModule
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.projector import MLPStackProjector

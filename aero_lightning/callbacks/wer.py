@@ -21,7 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from aero_lightning.data.shards import DEFAULT_ASR_PROMPT
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 from aero_lightning.eval.benchmarks import BenchmarkSpec
 from aero_lightning.eval.decode import (
     GenerationOptions,

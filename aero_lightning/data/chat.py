@@ -1,5 +1,9 @@
 """Chat prompts with audio slots, and training labels on the assistant reply only.
 
+This module is the one home of the chat format: the default ASR instruction (:data:`DEFAULT_ASR_PROMPT`), the
+messages of an ASR sample (:func:`asr_messages`), their rendering with audio slots and their tokenisation. It is
+copied into exported model folders as remote code, so it imports nothing beyond the standard library.
+
 Messages use the HF multimodal chat format::
 
     [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Please recognize ..."}]},
@@ -15,12 +19,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 IGNORE_INDEX = -100
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS_TOKEN = "<|audio_bos|>"
 AUDIO_EOS_TOKEN = "<|audio_eos|>"
 AUDIO_SPECIAL_TOKENS = (AUDIO_BOS_TOKEN, AUDIO_TOKEN, AUDIO_EOS_TOKEN)
+
+DEFAULT_ASR_PROMPT = "Please recognize the speech and only output the recognized content:"
+"""ASR instruction that follows the audio: the one Aero-1-Audio is evaluated with in lmms-eval."""
+
+
+def asr_messages(transcript: str, prompt: str = DEFAULT_ASR_PROMPT) -> list[dict[str, Any]]:
+    """Build the HF multimodal chat messages of one ASR sample.
+
+    Args:
+        transcript: the exact reference text (the assistant's reply).
+        prompt: the user's instruction that follows the audio.
+
+    Returns:
+        ``[{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": transcript}]}]``.
+    """
+    return [
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": transcript}]},
+    ]
 
 
 @dataclass

@@ -6,7 +6,7 @@ its columns map onto our sample fields, its licence, its size in hours and the d
 
 Tasks (the ``task`` field of every shard sample's JSON):
 
-- ``asr``: speech -> exact transcript; prompt :data:`~aero_lightning.data.shards.DEFAULT_ASR_PROMPT`.
+- ``asr``: speech -> exact transcript; prompt :data:`~aero_lightning.data.chat.DEFAULT_ASR_PROMPT`.
 - ``caption``: audio -> free-text description (sound or music captioning).
 - ``aqa``: audio + question -> answer; prompts are templates holding ``{question}``.
 - ``classify``: audio -> label(s) answering a fixed question (sound events, music genre or instrument,
@@ -34,7 +34,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aero_lightning.data.shards import DEFAULT_ASR_PROMPT
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 
 TASKS: tuple[str, ...] = ("asr", "caption", "aqa", "classify", "instruct")
 """Allowed values of :attr:`CorpusSpec.task`."""

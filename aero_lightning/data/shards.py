@@ -1,4 +1,4 @@
-"""WebDataset shard writing, audio encoding and corpus manifests (design §5).
+"""WebDataset shard writing, audio encoding and corpus manifests.
 
 Every prepared corpus split lives in one folder::
 
@@ -43,13 +43,12 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT, asr_messages
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE_HZ = 16000
 """Sample rate of every waveform stored in our shards, in Hz."""
-
-DEFAULT_ASR_PROMPT = "Please recognize the speech and only output the recognized content:"
-"""ASR instruction used for Aero in lmms-eval (design §6)."""
 
 MANIFEST_NAME = "manifest.json"
 
@@ -104,23 +103,6 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
 # ------------------------------------------------------------------------------------- sample json
 
 
-def asr_messages(transcript: str, prompt: str = DEFAULT_ASR_PROMPT) -> list[dict[str, Any]]:
-    """Build the HF multimodal chat messages of one ASR sample.
-
-    Args:
-        transcript: the exact reference text (the assistant's reply).
-        prompt: the user's instruction that follows the audio.
-
-    Returns:
-        ``[{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]},
-        {"role": "assistant", "content": [{"type": "text", "text": transcript}]}]``.
-    """
-    return [
-        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]},
-        {"role": "assistant", "content": [{"type": "text", "text": transcript}]},
-    ]
-
-
 def asr_sample_json(
     *,
     corpus: str,
@@ -131,7 +113,7 @@ def asr_sample_json(
     prompt: str = DEFAULT_ASR_PROMPT,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Build the JSON record of one ASR sample (design §5 schema).
+    """Build the JSON record of one ASR sample, the ``<key>.json`` member every shard sample carries.
 
     Args:
         corpus: corpus name, e.g. ``"demo_espeak"``.

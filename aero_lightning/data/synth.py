@@ -49,8 +49,8 @@ import soundfile as sf
 import soxr
 from tqdm.auto import tqdm
 
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 from aero_lightning.data.shards import (
-    DEFAULT_ASR_PROMPT,
     MANIFEST_NAME,
     SAMPLE_RATE_HZ,
     ShardWriter,

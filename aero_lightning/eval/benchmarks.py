@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aero_lightning.data.shards import DEFAULT_ASR_PROMPT
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 
 __all__ = ["BENCHMARKS", "CHOICE_INSTRUCTION", "SUITES", "BenchmarkSpec", "get_benchmark"]
 

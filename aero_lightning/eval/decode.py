@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 from aero_lightning.data.datamodule import AsrCollator
 from aero_lightning.data.features import SAMPLE_RATE_HZ
-from aero_lightning.data.shards import DEFAULT_ASR_PROMPT
 
 __all__ = [
     "DecodeResult",

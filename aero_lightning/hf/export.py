@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 import aero_lightning
 from aero_lightning.cli import run_key_value_cli
-from aero_lightning.data.shards import DEFAULT_ASR_PROMPT
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 from aero_lightning.eval.decode import GenerationOptions, chars_per_token
 from aero_lightning.hf.configuration_aero import AeroConfig
 from aero_lightning.hf.feature_extraction_aero import AeroFeatureExtractor

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from aero_lightning.data.audio_io import AudioReadError, find_audio_files, load_audio
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 from aero_lightning.data.features import SAMPLE_RATE_HZ
-from aero_lightning.data.shards import DEFAULT_ASR_PROMPT
 from aero_lightning.eval.decode import (
     GenerationOptions,
     Stopwatch,

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from aero_lightning.data.chat import AUDIO_TOKEN, IGNORE_INDEX, encode_chat, prompt_messages, render_messages
-from aero_lightning.data.shards import asr_messages
+from aero_lightning.data.chat import (
+    AUDIO_TOKEN,
+    IGNORE_INDEX,
+    asr_messages,
+    encode_chat,
+    prompt_messages,
+    render_messages,
+)
 
 REPLY = "the cat sat on the mat"
 

@@ -15,6 +15,7 @@ import soundfile as sf
 import soxr
 
 from aero_lightning.data import prepare
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT, asr_messages
 from aero_lightning.data.corpora import (
     CORPORA,
     DOMAINS,
@@ -24,7 +25,7 @@ from aero_lightning.data.corpora import (
     corpora_markdown_table,
     get_corpus,
 )
-from aero_lightning.data.shards import DEFAULT_ASR_PROMPT, asr_messages, read_manifest
+from aero_lightning.data.shards import read_manifest
 from aero_lightning.data.synth import VoiceSpec, find_espeak, synthesize
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")

@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 
 from aero_lightning.data import shards, synth
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 from aero_lightning.data.shards import (
-    DEFAULT_ASR_PROMPT,
     ShardWriter,
     decode_audio,
     encode_flac,
