@@ -1,10 +1,10 @@
-"""Audio seconds delivered per wall second by one data worker, shards -> training batch (design §5).
+"""Audio seconds delivered per wall second by one data worker, shards -> training batch.
 
 Rows, all in one process (= one worker, one core), over the same shards:
 
 - ``stream``: :class:`aero_lightning.data.stream.TrainStream` as a DataLoader worker runs it: read tar, parse JSON,
   tokenise and cost the chat, plan packed micro-batches, decode FLAC, collate the packed batch. Log-mel is left
-  to the accelerator (design §5).
+  to the accelerator, which computes it in batch, so the CPU workers only read, decode and pack.
 - ``stream + log-mel (CPU)``: the same plus our batched log-mel (:class:`LogMelSpectrogram`) on this CPU, i.e.
   even without an accelerator.
 - baseline ``HF per sample``: WebDataset read + soundfile decode + ``WhisperFeatureExtractor`` called per sample

@@ -1,4 +1,4 @@
-"""MFU and tokens/s of an Aero-shaped model: padded 4096 vs packed 32768, Liger on and off (GPU; design §7).
+"""MFU and tokens/s of an Aero-shaped model: padded 4096 vs packed 32768, Liger on and off (GPU).
 
 The model is random-init with Aero-1-Audio's shapes, built in memory (no download): a Whisper-large-v3 encoder
 (d 1280, 32 layers, 20 heads, FFN 5120, 128 mel bins), AvgPool(2) + Linear projector (25 tokens/s) and a

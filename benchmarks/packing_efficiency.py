@@ -1,4 +1,4 @@
-"""Real-token fraction of padded vs packed micro-batches at 4096 and 32768 tokens (design §4).
+"""Real-token fraction of padded vs packed micro-batches at 4096 and 32768 tokens (Aero's two budgets).
 
 Samples are drawn from two duration distributions, costed exactly as the training stream costs them (Aero's
 projector: 25 audio tokens per second, ``AudioTokenCounter(2, 2)``; text tokens from a speaking rate), cut into

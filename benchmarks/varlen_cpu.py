@@ -5,8 +5,8 @@ document, timed over the same ``query``/``key``/``value`` (fp32, causal, grouped
 
 - ``dense block-diagonal mask`` (baseline): one SDPA call with an ``(L, L)`` boolean mask, what transformers'
   ``sdpa`` backend builds for a packed row from ``position_ids``; its work grows with ``L**2``;
-- ``per document, slicing`` (baseline): one SDPA call per document on ``query[:, :, start:end]``, the ``varlen``
-  CPU path before session 7; each slice's backward writes its gradient into a zero tensor of the whole row, so the
+- ``per document, slicing`` (baseline): one SDPA call per document on ``query[:, :, start:end]``, the earlier
+  ``varlen`` CPU path; each slice's backward writes its gradient into a zero tensor of the whole row, so the
   backward does ``D x L`` extra work;
 - ``varlen`` (``aero_lightning.model.attention.varlen_attention_forward``): one SDPA call per document on
   ``torch.split`` views, whose backward is a single concatenation.
@@ -46,7 +46,7 @@ def document_lengths(total: int, min_len: int, max_len: int, seed: int) -> list[
 
 
 def slicing(query, key, value, cu: torch.Tensor, gqa: bool) -> torch.Tensor:
-    """The pre-session-7 CPU path: one SDPA per document on slices of the row. Returns ``(1, L, H, d)``."""
+    """The earlier ``varlen`` CPU path: one SDPA per document on slices of the row. Returns ``(1, L, H, d)``."""
     bounds = cu.tolist()
     outs = [
         F.scaled_dot_product_attention(
