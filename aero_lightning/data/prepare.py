@@ -41,7 +41,7 @@ tar, if non-empty) exist with identical build parameters are skipped, and the ma
 stats files; a crash therefore loses at most the shards in flight.
 
 Bad inputs never stop the run; each is skipped and listed in the manifest with one of the reasons in
-:data:`REJECT_REASONS`.
+:data:`aero_lightning.data.rejects.REJECT_REASONS` (the table every reader of the project shares).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 
 from aero_lightning.cli import run_key_value_cli
 from aero_lightning.data.corpora import COLUMN_FIELDS, CORPORA, CorpusSpec, FolderTable, get_corpus
+from aero_lightning.data.rejects import check_reason
 from aero_lightning.data.shards import (
     MANIFEST_NAME,
     SAMPLE_RATE_HZ,
@@ -88,22 +89,6 @@ FORMAT_VERSION = 1
 STATS_SUFFIX = ".stats.json"
 RESAMPLE_QUALITY = "HQ"
 """soxr quality recipe used to resample to 16 kHz."""
-
-REJECT_REASONS: dict[str, str] = {
-    "missing_audio": "a transcript line or metadata row whose audio file is not in the folder",
-    "missing_transcript": "an audio file without a transcript line, or a null text value",
-    "empty_text": "the transcript / caption / answer / label is empty after stripping whitespace",
-    "empty_question": "an aqa sample without a question",
-    "unlabelled": "the corpus gives the clip no usable label (e.g. IEMOCAP 'xxx': annotators disagreed)",
-    "unreadable_row": "the dataset row could not be read",
-    "unreadable_audio": "the audio could not be read or decoded",
-    "empty_audio": "the audio has no samples",
-    "non_finite_audio": "the waveform contains NaN or inf",
-    "too_long": "longer than max_duration_s",
-    "encode_failed": "FLAC encoding failed",
-    "duplicate_key": "the sample key repeats within its shard",
-}
-"""Reason -> meaning of every rejection category written to ``manifest.json``."""
 
 _MAX_LOGGED_REJECTS = 20
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -930,7 +915,9 @@ def _run_job(job: _Job) -> dict[str, Any]:
                     continue
                 except ValueError as err:  # a repeated key; nothing was written
                     outcome.reason, outcome.detail = "duplicate_key", str(err)
-            rejected.append({"key": outcome.key, "reason": str(outcome.reason), "detail": outcome.detail})
+            rejected.append(
+                {"key": outcome.key, "reason": check_reason(str(outcome.reason)), "detail": outcome.detail}
+            )
     if writer.shards:
         os.replace(partial / f"{stem}-000000.tar", out / name)
     else:

@@ -50,6 +50,7 @@ import soxr
 from tqdm.auto import tqdm
 
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
+from aero_lightning.data.rejects import check_reason
 from aero_lightning.data.shards import (
     MANIFEST_NAME,
     SAMPLE_RATE_HZ,
@@ -468,7 +469,9 @@ def _build_split(
             job = item.job
             if item.flac is None:
                 log.warning("%s: skipped %r (%s: %s)", job.key, job.text, item.reason, item.detail)
-                rejected.append({"key": job.key, "reason": str(item.reason), "detail": item.detail})
+                rejected.append(
+                    {"key": job.key, "reason": check_reason(str(item.reason)), "detail": item.detail}
+                )
                 continue
             record = asr_sample_json(
                 corpus=CORPUS_NAME,

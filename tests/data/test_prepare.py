@@ -25,6 +25,7 @@ from aero_lightning.data.corpora import (
     corpora_markdown_table,
     get_corpus,
 )
+from aero_lightning.data.rejects import REJECT_REASONS
 from aero_lightning.data.shards import read_manifest
 from aero_lightning.data.synth import VoiceSpec, find_espeak, synthesize
 
@@ -832,4 +833,4 @@ def test_table_layout_errors_and_registry_coverage(tmp_path):
             for split in spec.folder_table.metadata:
                 prepare.describe_table(spec.folder_table, split)
     assert sorted(prepare.UNSUPPORTED_LAYOUTS) == ["instructs2s", "tedlium"]
-    assert "missing_audio" in prepare.REJECT_REASONS and "unlabelled" in prepare.REJECT_REASONS
+    assert "missing_audio" in REJECT_REASONS and "unlabelled" in REJECT_REASONS
