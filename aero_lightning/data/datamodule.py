@@ -1,138 +1,51 @@
 """The Lightning data module: training mixture stream, named validation sets, test set, exact resume.
 
 Training batches come from :class:`aero_lightning.data.stream.TrainStream` (weighted, resampled, token-budget
-batching, padded or packed). Validation and test sets are finite WebDataset passes read in order, padded.
-Workers only decode FLAC; log-mel is computed on the accelerator by the model.
+batching, padded or packed). Validation and test sets are finite passes read in order
+(:class:`aero_lightning.data.shard_reader.ShardPass`), padded. Both read shards with the same reader
+(:mod:`aero_lightning.data.shard_reader`): the same accepted audio members, sample checks and reject reasons.
+Workers only decode audio; log-mel is computed on the accelerator by the model.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader
 
-from aero_lightning.data.chat import IGNORE_INDEX, encode_chat, prompt_messages, reference_text
-from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.data.chat import IGNORE_INDEX, encode_chat, prompt_messages
 from aero_lightning.data.packing import collate_padded
-from aero_lightning.data.shards import decode_audio, read_manifest, shard_urls
+from aero_lightning.data.shard_reader import ShardPass, resolve_split, shard_sample_counts
+from aero_lightning.data.shards import read_manifest
 from aero_lightning.data.stream import TrainStream, identity, mixture_probs, pad_token_id
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_split(folder: str | Path) -> list[str]:
-    """Shard urls of a prepared split folder, checked before any training starts.
-
-    Raises:
-        FileNotFoundError: if the folder or its ``manifest.json`` does not exist.
-        ValueError: if the manifest lists no shards or a listed shard file is missing.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"data folder {folder.resolve()} does not exist; build the demo corpus with "
-            "`python -m aero_lightning.data.synth --out DIR` or point data.*_dir at a prepared split"
-        )
-    manifest = read_manifest(folder)
-    urls = shard_urls(folder, manifest)
-    if not urls:
-        raise ValueError(f"{folder.resolve()}/manifest.json lists no shards: the split is empty, rebuild it")
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} shard(s) listed in {folder}/manifest.json are missing, e.g. {missing[0]}"
-        )
-    return urls
-
-
-class SampleDecoder:
-    """Turn a raw WebDataset sample into ``{key, waveform, messages, duration_s, corpus}`` or None.
-
-    Bad samples are skipped and counted by reason (``rejected``), and logged with their key; never raised.
-
-    Args:
-        max_duration_s: samples longer than this are skipped (reason ``too_long``).
-    """
-
-    def __init__(self, max_duration_s: float | None = None):
-        self.max_duration_s = max_duration_s
-        self.rejected: Counter[str] = Counter()
-
-    def _reject(self, key: str, reason: str, detail: str = "") -> None:
-        self.rejected[reason] += 1
-        logger.warning(
-            "skipping sample %s: %s %s (rejected so far: %s)", key, reason, detail, dict(self.rejected)
-        )
-
-    def __call__(self, raw: dict) -> dict | None:
-        key = raw.get("__key__", "?")
-        if "json" not in raw or "flac" not in raw:
-            self._reject(key, "missing_member", f"has {sorted(k for k in raw if not k.startswith('__'))}")
-            return None
-        try:
-            meta = json.loads(raw["json"])
-        except (ValueError, UnicodeDecodeError) as err:
-            self._reject(key, "bad_json", str(err))
-            return None
-        try:
-            waveform, sr = decode_audio(raw["flac"])
-        except Exception as err:  # noqa: BLE001 - libsndfile raises several types for corrupt audio
-            self._reject(key, "corrupt_audio", str(err))
-            return None
-        if sr != SAMPLE_RATE_HZ:
-            self._reject(key, "sample_rate", f"{sr} Hz, shards must be {SAMPLE_RATE_HZ} Hz")
-            return None
-        if waveform.size == 0:
-            self._reject(key, "empty_audio")
-            return None
-        duration_s = waveform.size / SAMPLE_RATE_HZ
-        if self.max_duration_s is not None and duration_s > self.max_duration_s:
-            self._reject(key, "too_long", f"{duration_s:.1f} s > {self.max_duration_s} s")
-            return None
-        messages = meta.get("messages")
-        if not messages or not reference_text(messages).strip():
-            self._reject(key, "empty_text")
-            return None
-        return {
-            "key": key,
-            "waveform": waveform.astype(np.float32, copy=False),
-            "messages": messages,
-            "duration_s": duration_s,
-            "corpus": meta.get("corpus", ""),
-        }
-
-
-def _not_none(sample):
-    return sample is not None
-
-
-def make_dataset(urls: Sequence[str], max_duration_s: float | None = None) -> wds.WebDataset:
-    """Finite, ordered WebDataset pass over shard ``urls`` (validation and test), split by rank x worker.
+def make_dataset(
+    urls: Sequence[str],
+    max_duration_s: float | None = None,
+    expected_samples: Mapping[str, int] | None = None,
+) -> ShardPass:
+    """Finite, ordered pass over shard ``urls`` (validation and test), split by rank x worker.
 
     Args:
         urls: shard paths.
         max_duration_s: skip longer samples (seconds).
+        expected_samples: ``{url: num_samples}`` from the split's manifest, to count the samples a damaged shard
+            loses (``missing_samples``); see :func:`~aero_lightning.data.shard_reader.shard_sample_counts`.
+
+    Returns:
+        A :class:`~aero_lightning.data.shard_reader.ShardPass` yielding ``{key, waveform (T,) float32 16 kHz,
+        messages, duration_s, corpus}`` per sample.
     """
-    decoder = SampleDecoder(max_duration_s=max_duration_s)
-    ds = wds.WebDataset(
-        list(urls),
-        shardshuffle=False,
-        handler=wds.warn_and_continue,
-        empty_check=False,
-        nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker,
-    )
-    return ds.map(decoder).select(_not_none)
+    return ShardPass(urls, max_duration_s=max_duration_s, expected_samples=expected_samples)
 
 
 @dataclass
@@ -174,7 +87,8 @@ class AsrCollator:
 
 
 def target_tokens(batch: Mapping) -> int:
-    """Tokens that carry a loss in a batch: labels != -100 after the one-token shift (design §4)."""
+    """Tokens that carry a loss in a batch: labels != -100 after the one-token shift (the causal LM predicts
+    token ``t + 1`` from position ``t``, so the first label never has a prediction)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
@@ -222,7 +136,7 @@ def _weight(folder: str, weight: float | None) -> float:
 
 
 class AeroDataModule(L.LightningDataModule):
-    """Weighted multi-corpus training stream, named validation sets and a test set (design §5).
+    """Weighted multi-corpus training stream, named validation sets and a test set.
 
     Args:
         train: ``{corpus: folder}`` or ``{corpus: {"dir": folder, "weight": w}}``; a missing weight means the
@@ -347,7 +261,7 @@ class AeroDataModule(L.LightningDataModule):
     def _eval_loader(self, folder: str, for_generation: bool) -> DataLoader:
         self._require_model()
         return DataLoader(
-            make_dataset(resolve_split(folder)),
+            make_dataset(resolve_split(folder), expected_samples=shard_sample_counts(folder)),
             batch_size=self.eval_batch_size,
             num_workers=0,
             collate_fn=AsrCollator(

@@ -1,16 +1,18 @@
-"""Multi-corpus training stream: weighted mixture, token-budget batches, exact resume (design §4, §5).
+"""Multi-corpus training stream: weighted mixture, token-budget batches, exact resume.
 
 Each DataLoader worker of each rank runs one :class:`TrainStream` iterator, identified by a *logical id*
 (``rank * num_workers + worker``). Its data is a deterministic function of ``(seed, logical id)``:
 
 1. Every corpus is an infinite, resampled sequence of shards (:class:`CorpusStream`): shard ``k`` is drawn
    uniformly from the corpus's shard list (split by rank x worker when there are enough shards) with a seeded
-   generator, and read front to back. Infinite streams with step-based training mean no rank can run dry
-   (finite per-rank shard lists hang DDP: webdataset issues 188 and 225).
+   generator, and read front to back with :func:`~aero_lightning.data.shard_reader.iter_tar`. Infinite streams
+   with step-based training mean no rank can run dry (finite per-rank shard lists hang DDP: webdataset issues 188
+   and 225).
 2. :class:`MixtureStream` picks the corpus of every sample with probabilities ``p_i ∝ w_i^(1/T)``.
 3. Samples are read in *blocks* of ``buffer_size``. For each sample only the JSON is parsed at this point: the
    chat is tokenised and its LLM cost (audio tokens from ``duration_s`` + text tokens) is known before any audio is
-   decoded. Over-budget and malformed samples are skipped and counted.
+   decoded. Over-budget and malformed samples are skipped and counted. The JSON checks and the audio decoding are
+   those of every shard reader (:mod:`aero_lightning.data.shard_reader`).
 4. The block is planned into micro-batches (:mod:`aero_lightning.data.packing`), the batches are shuffled, and
    each batch's audio is decoded just before it is emitted.
 
@@ -22,81 +24,18 @@ resumed run continues with exactly the batches an uninterrupted run would have p
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import os
-import posixpath
-import tarfile
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-import soundfile as sf
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from aero_lightning.data.chat import encode_chat, reference_text
-from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.data.chat import encode_chat
 from aero_lightning.data.packing import PACKING_MODES, make_collate, plan_batches
+from aero_lightning.data.rejects import RejectCounter
+from aero_lightning.data.shard_reader import decode_waveform, dist_rank_world, iter_tar, parse_sample
 
 logger = logging.getLogger(__name__)
-
-AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
-"""Audio member extensions accepted in shards, in order of preference."""
-
-
-class RejectCounter(Counter):
-    """Counts skipped inputs by reason and logs the first ones of each reason (then every power of ten)."""
-
-    def reject(self, reason: str, key: str, detail: str = "") -> None:
-        """Count one skipped input.
-
-        Args:
-            reason: short category, e.g. ``corrupt_audio``.
-            key: the sample key or shard url.
-            detail: human-readable cause.
-        """
-        self[reason] += 1
-        n = self[reason]
-        if n <= 10 or str(n).rstrip("0") == "1":  # the first ten, then 100, 1000, ...
-            logger.warning("skipping %s: %s %s (%s so far: %d)", key, reason, detail, reason, n)
-
-
-def iter_tar(url: str, rejects: RejectCounter) -> Iterator[dict]:
-    """Samples of one WebDataset tar shard, grouped by key, without decoding.
-
-    A shard that cannot be opened or is truncated ends early with the reason counted (``unreadable_shard`` /
-    ``truncated_tar``); the samples read before the damage are still yielded.
-
-    Args:
-        url: local path of the shard.
-        rejects: counter for skipped inputs.
-
-    Yields:
-        ``{"__key__": str, "__url__": url, <ext>: bytes, ...}`` per sample, in tar order.
-    """
-    current: dict | None = None
-    try:
-        with tarfile.open(url, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = posixpath.basename(member.name)
-                stem, _, ext = base.partition(".")
-                key = posixpath.join(posixpath.dirname(member.name), stem)
-                data = tar.extractfile(member).read()
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = data
-    except (tarfile.TarError, OSError, EOFError) as err:
-        reason = "truncated_tar" if os.path.exists(url) else "unreadable_shard"
-        rejects.reject(reason, url, str(err))
-        current = None  # the sample being read when the shard broke may be incomplete: it is not yielded
-    if current is not None:
-        yield current
 
 
 class CorpusStream:
@@ -235,12 +174,6 @@ class MixtureStream:
         return self.streams[self.names[min(i, len(self.names) - 1)]].next()
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 class TrainStream(IterableDataset):
     """Infinite stream of ready training batches from a weighted corpus mixture (module docstring).
 
@@ -298,28 +231,10 @@ class TrainStream(IterableDataset):
     # ------------------------------------------------------------------ per-sample work
     def _meta(self, raw: dict, rejects: RejectCounter) -> dict | None:
         """Parse JSON, tokenise and cost one raw sample; None (counted) if it must be skipped."""
-        key = raw["__key__"]
-        audio_ext = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
-        if "json" not in raw or audio_ext is None:
-            rejects.reject("missing_member", key, f"has {sorted(k for k in raw if not k.startswith('__'))}")
+        item = parse_sample(raw, rejects, self.max_duration_s)
+        if item is None:
             return None
-        try:
-            meta = json.loads(raw["json"])
-            duration_s = float(meta["duration_s"])
-            messages = meta["messages"]
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
-            rejects.reject("bad_json", key, repr(err))
-            return None
-        if not messages or not reference_text(messages).strip():
-            rejects.reject("empty_text", key)
-            return None
-        num_samples = round(duration_s * SAMPLE_RATE_HZ)
-        if num_samples < 1:
-            rejects.reject("empty_audio", key, f"duration_s={duration_s}")
-            return None
-        if self.max_duration_s is not None and duration_s > self.max_duration_s:
-            rejects.reject("too_long", key, f"{duration_s:.1f} s > max_duration_s={self.max_duration_s}")
-            return None
+        key, messages, num_samples = item["key"], item["messages"], item["num_samples"]
         try:
             enc = encode_chat(self.tokenizer, messages, [self.counter(num_samples)], self.end_of_turn_token)
         except (ValueError, KeyError, TypeError) as err:
@@ -331,38 +246,21 @@ class TrainStream(IterableDataset):
             return None
         return {
             "key": key,
-            "corpus": raw["__corpus__"],
+            "corpus": item["corpus"],
             "messages": messages,
             "input_ids": enc.input_ids,
             "labels": enc.labels,
             "num_samples": num_samples,
-            "audio": raw[audio_ext],
+            "audio": item["audio"],
             "cost": cost,
         }
 
     def _decode(self, item: dict, rejects: RejectCounter) -> dict | None:
         """Decode one planned sample's audio; None (counted) if it is unusable."""
-        key = item["key"]
-        try:
-            waveform, sr = sf.read(io.BytesIO(item["audio"]), dtype="float32", always_2d=True)  # (T, C)
-        except Exception as err:  # noqa: BLE001 - libsndfile raises several types for corrupt audio
-            rejects.reject("corrupt_audio", key, str(err))
+        waveform = decode_waveform(item, rejects, self.counter)
+        if waveform is None:
             return None
-        if sr != SAMPLE_RATE_HZ:
-            rejects.reject("sample_rate", key, f"{sr} Hz; shards must hold {SAMPLE_RATE_HZ} Hz (re-prepare)")
-            return None
-        if waveform.shape[1] != 1:
-            rejects.reject("not_mono", key, f"{waveform.shape[1]} channels; shards must be mono (re-prepare)")
-            return None
-        if waveform.shape[0] == 0:
-            rejects.reject("empty_audio", key)
-            return None
-        if self.counter(waveform.shape[0]) != self.counter(item["num_samples"]):
-            rejects.reject(
-                "duration_mismatch", key, f"{waveform.shape[0]} samples, json says {item['num_samples']}"
-            )
-            return None
-        return {k: v for k, v in item.items() if k != "audio"} | {"waveform": waveform[:, 0]}
+        return {k: v for k, v in item.items() if k != "audio"} | {"waveform": waveform}
 
     # ------------------------------------------------------------------ iteration
     def _split(self, logical: int, total: int) -> dict[str, list[str]]:
@@ -374,7 +272,7 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         slot, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rank, world = _dist_rank_world()
+        rank, world = dist_rank_world()
         restored = self.resume.get(slot)
         logical = int(restored["logical_id"]) if restored else rank * num_workers + slot
         total = world * num_workers

@@ -6,7 +6,9 @@ Sources (``source`` in a benchmark's config; None = the registry's HF dataset):
   download; not for long-form, which groups rows by chapter first);
 - a folder written by ``datasets.save_to_disk`` (``dataset_info.json`` / ``state.json`` / ``dataset_dict.json``);
 - a folder of prepared WebDataset shards with ``manifest.json`` (:mod:`aero_lightning.data.prepare`,
-  :mod:`aero_lightning.data.synth`); the reference is the sample's assistant text;
+  :mod:`aero_lightning.data.synth`), read with the training stream's shard reader
+  (:func:`aero_lightning.data.shard_reader.iter_samples`: the same audio members, checks and reject reasons, and a
+  truncated shard is counted); the reference is the sample's assistant text;
 - a LibriSpeech-layout folder (``*.trans.txt`` + ``*.flac``): utterances, or chapters for long-form benchmarks;
 - a JSON Lines manifest (``.jsonl``): one object per sample, ``{"audio": path, "text": ...}`` for ASR or
   ``{"audio", "question", "choices": [...], "answer": text|letter|index, "group"}`` for multiple choice; audio paths
@@ -14,7 +16,8 @@ Sources (``source`` in a benchmark's config; None = the registry's HF dataset):
 
 HF audio columns are read undecoded (``Audio(decode=False)``) and decoded with libsndfile, then resampled to 16 kHz
 with soxr. A sample whose audio cannot be read, whose text is missing or whose answer is not among its options is
-skipped and counted by reason (``rejects``), never fatal.
+skipped and counted by reason (``rejects``, reasons from :data:`aero_lightning.data.rejects.REJECT_REASONS`), never
+fatal.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 from aero_lightning.data.audio_io import AudioReadError, load_audio, to_mono_16k
 from aero_lightning.data.chat import reference_text
 from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.eval.benchmarks import BenchmarkSpec
 from aero_lightning.eval.longform import (
     join_waveforms,
@@ -49,7 +53,6 @@ __all__ = ["EvalItem", "detect_format", "iter_items"]
 TEXT_FALLBACKS = ("text", "sentence", "normalized_text", "transcript", "transcription")
 """Transcript columns tried in order when the configured one is absent (the leaderboard's ``get_text``)."""
 
-_MAX_LOGGED = 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -75,16 +78,6 @@ class EvalItem:
     @property
     def duration_s(self) -> float:
         return len(self.waveform) / SAMPLE_RATE_HZ
-
-
-class _Rejects:
-    def __init__(self, counter: Counter):
-        self.counter = counter
-
-    def __call__(self, key: str, reason: str, detail: str = "") -> None:
-        self.counter[reason] += 1
-        if sum(self.counter.values()) <= _MAX_LOGGED:
-            logger.warning("skipping %s: %s %s", key, reason, detail)
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -147,27 +140,29 @@ def _choices_of(row: Mapping[str, Any], spec: BenchmarkSpec, cols: Mapping[str, 
     return [str(v) for v in (value or [])]
 
 
-def _choice_item(key, wave, row, spec, cols, reject) -> EvalItem | None:
+def _choice_item(key, wave, row, spec, cols, rejects: RejectCounter) -> EvalItem | None:
     try:
         choices = _choices_of(row, spec, cols)
     except (ValueError, TypeError) as err:
-        reject(key, "bad_choices", str(err))
+        rejects.reject("bad_choices", key, str(err))
         return None
     if len(choices) < 2:
-        reject(key, "bad_choices", f"{len(choices)} option(s)")
+        rejects.reject("bad_choices", key, f"{len(choices)} option(s)")
         return None
     answer = _answer_index(row.get(cols.get("answer", "answer")), choices, spec.answer_format)
     if answer is None:
-        reject(key, "answer_not_in_choices", f"{row.get(cols.get('answer', 'answer'))!r} not in {choices}")
+        rejects.reject(
+            "answer_not_in_choices", key, f"{row.get(cols.get('answer', 'answer'))!r} not in {choices}"
+        )
         return None
     question = str(row.get(cols.get("question", "question")) or "").strip()
     group = str(row.get(cols.get("group", "group")) or "")
     return EvalItem(key, wave, question=question, choices=tuple(choices), answer=answer, group=group)
 
 
-def _asr_item(key, wave, text, reject) -> EvalItem | None:
+def _asr_item(key, wave, text, rejects: RejectCounter) -> EvalItem | None:
     if text is None:
-        reject(key, "missing_text")
+        rejects.reject("missing_text", key)
         return None
     return EvalItem(key, wave, reference=str(text))
 
@@ -175,31 +170,19 @@ def _asr_item(key, wave, text, reject) -> EvalItem | None:
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def _iter_shards(folder: Path, spec: BenchmarkSpec, reject, rejects: Counter) -> Iterator[EvalItem]:
-    import webdataset as wds
-
-    from aero_lightning.data.datamodule import SampleDecoder, resolve_split
+def _iter_shards(folder: Path, spec: BenchmarkSpec, rejects: RejectCounter) -> Iterator[EvalItem]:
+    from aero_lightning.data.shard_reader import iter_samples, resolve_split, shard_sample_counts
 
     if spec.task != "asr":
         raise ValueError(
             f"{spec.name}: prepared shards hold ASR samples; a {spec.task} benchmark needs .jsonl or HF"
         )
-    decoder = SampleDecoder()
-    dataset = wds.WebDataset(
-        resolve_split(folder), shardshuffle=False, handler=wds.warn_and_continue, empty_check=False
-    )
-    try:
-        for raw in dataset:
-            sample = decoder(raw)
-            if sample is not None:
-                yield EvalItem(
-                    sample["key"], sample["waveform"], reference=reference_text(sample["messages"])
-                )
-    finally:
-        rejects.update(decoder.rejected)
+    urls = resolve_split(folder)
+    for sample in iter_samples(urls, rejects, expected_samples=shard_sample_counts(folder)):
+        yield EvalItem(sample["key"], sample["waveform"], reference=reference_text(sample["messages"]))
 
 
-def _iter_jsonl(path: Path, spec: BenchmarkSpec, reject) -> Iterator[EvalItem]:
+def _iter_jsonl(path: Path, spec: BenchmarkSpec, rejects: RejectCounter) -> Iterator[EvalItem]:
     base = path.parent
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f):
@@ -208,52 +191,52 @@ def _iter_jsonl(path: Path, spec: BenchmarkSpec, reject) -> Iterator[EvalItem]:
             try:
                 row = json.loads(line)
             except ValueError as err:
-                reject(f"{path.name}:{n + 1}", "bad_json", str(err))
+                rejects.reject("bad_json", f"{path.name}:{n + 1}", str(err))
                 continue
             key = str(row.get("id") or f"{path.stem}-{n:06d}")
             if not row.get("audio"):
-                reject(key, "missing_audio")
+                rejects.reject("missing_audio", key)
                 continue
             try:
                 wave = load_audio(base / row["audio"])
             except AudioReadError as err:
-                reject(key, "unreadable_audio", str(err))
+                rejects.reject("unreadable_audio", key, str(err))
                 continue
             cols = {"question": "question", "choices": "choices", "answer": "answer", "group": "group"}
             item = (
-                _asr_item(key, wave, row.get("text"), reject)
+                _asr_item(key, wave, row.get("text"), rejects)
                 if spec.task == "asr"
-                else _choice_item(key, wave, row, spec, cols, reject)
+                else _choice_item(key, wave, row, spec, cols, rejects)
             )
             if item is not None:
                 yield item
 
 
-def _iter_librispeech(root: Path, spec: BenchmarkSpec, reject, rejects: Counter) -> Iterator[EvalItem]:
+def _iter_librispeech(root: Path, spec: BenchmarkSpec, rejects: RejectCounter) -> Iterator[EvalItem]:
     from aero_lightning.data.prepare import read_librispeech_folder
 
     if spec.longform == "librispeech_chapter":
         chapters, skipped = librispeech_chapters(root)
-        for r in skipped:
-            rejects[r["reason"]] += 1
+        for r in skipped:  # librispeech_chapters logged them
+            rejects.reject(r["reason"], r["key"], r["detail"], log=False)
         for chapter in chapters:
             try:
                 wave = load_longform_audio(chapter)
             except AudioReadError as err:
-                reject(chapter.key, "unreadable_audio", str(err))
+                rejects.reject("unreadable_audio", chapter.key, str(err))
                 continue
             yield EvalItem(chapter.key, wave, reference=chapter.text)
         return
     for item in read_librispeech_folder(root):
         if item.audio_path is None:
-            reject(item.key, "missing_audio")
+            rejects.reject("missing_audio", item.key)
             continue
         try:
             wave = load_audio(item.audio_path)
         except AudioReadError as err:
-            reject(item.key, "unreadable_audio", str(err))
+            rejects.reject("unreadable_audio", item.key, str(err))
             continue
-        out = _asr_item(item.key, wave, item.text, reject)
+        out = _asr_item(item.key, wave, item.text, rejects)
         if out is not None:
             yield out
 
@@ -305,35 +288,37 @@ def _columns(dataset, spec: BenchmarkSpec) -> dict[str, str]:
     return cols
 
 
-def _iter_hf(dataset, spec: BenchmarkSpec, reject) -> Iterator[EvalItem]:
+def _iter_hf(dataset, spec: BenchmarkSpec, rejects: RejectCounter) -> Iterator[EvalItem]:
     from datasets import Audio
 
     cols = _columns(dataset, spec)
     if isinstance((dataset.features or {}).get(cols["audio"]), Audio):
         dataset = dataset.cast_column(cols["audio"], Audio(decode=False))
     if spec.longform == "librispeech_chapter":
-        yield from _iter_hf_chapters(dataset, spec, cols, reject)
+        yield from _iter_hf_chapters(dataset, spec, cols, rejects)
         return
     for n, row in enumerate(dataset):
         key = str(row.get(cols.get("id", "id")) or f"{spec.name}-{n:06d}")
         try:
             wave = _hf_wave(row[cols["audio"]])
         except AudioReadError as err:
-            reject(key, "unreadable_audio", str(err))
+            rejects.reject("unreadable_audio", key, str(err))
             continue
         if wave.size == 0:
-            reject(key, "empty_audio")
+            rejects.reject("empty_audio", key)
             continue
         item = (
-            _asr_item(key, wave, row.get(cols["text"]), reject)
+            _asr_item(key, wave, row.get(cols["text"]), rejects)
             if spec.task == "asr"
-            else _choice_item(key, wave, row, spec, cols, reject)
+            else _choice_item(key, wave, row, spec, cols, rejects)
         )
         if item is not None:
             yield item
 
 
-def _iter_hf_chapters(dataset, spec: BenchmarkSpec, cols: Mapping[str, str], reject) -> Iterator[EvalItem]:
+def _iter_hf_chapters(
+    dataset, spec: BenchmarkSpec, cols: Mapping[str, str], rejects: RejectCounter
+) -> Iterator[EvalItem]:
     """Long-form from an HF LibriSpeech copy: group rows by chapter (metadata first), then decode chapter by chapter."""
     if not hasattr(dataset, "select_columns") or not hasattr(dataset, "__getitem__"):
         raise ValueError(f"{spec.name}: long-form needs a map-style dataset (streaming=false)")
@@ -343,7 +328,7 @@ def _iter_hf_chapters(dataset, spec: BenchmarkSpec, cols: Mapping[str, str], rej
         try:
             chapter, number = utterance_order(str(row[cols["id"]]))
         except ValueError as err:
-            reject(str(row[cols["id"]]), "bad_key", str(err))
+            rejects.reject("bad_key", str(row[cols["id"]]), str(err))
             continue
         chapters.setdefault(chapter, []).append((number, i))
     for chapter in sorted(chapters):
@@ -351,11 +336,11 @@ def _iter_hf_chapters(dataset, spec: BenchmarkSpec, cols: Mapping[str, str], rej
         try:
             wave = join_waveforms([_hf_wave(r[cols["audio"]]) for r in rows])
         except AudioReadError as err:
-            reject(chapter, "unreadable_audio", str(err))
+            rejects.reject("unreadable_audio", chapter, str(err))
             continue
         texts = [r.get(cols["text"]) for r in rows]
         if any(t is None or not str(t).strip() for t in texts):
-            reject(chapter, "missing_transcript")
+            rejects.reject("missing_transcript", chapter)
             continue
         yield EvalItem(chapter, wave, reference=" ".join(str(t).strip() for t in texts))
 
@@ -377,7 +362,9 @@ def iter_items(
         split, hf_config: override the spec's split / config (HF and ``save_to_disk`` sources).
         streaming: stream an HF hub dataset instead of downloading it.
         max_samples: stop after this many samples (None: all).
-        rejects: a Counter that receives skipped samples by reason.
+        rejects: receives skipped samples by reason (:data:`~aero_lightning.data.rejects.REJECT_REASONS`); a
+            :class:`~aero_lightning.data.rejects.RejectCounter` counts them as they happen, a plain Counter gets
+            the counts before every yielded item and when the iteration ends.
 
     Yields:
         :class:`EvalItem`.
@@ -386,22 +373,33 @@ def iter_items(
         ValueError: if the benchmark has no source (``demo`` needs ``source=``) or a local layout is unknown.
         FileNotFoundError: for a local path that does not exist.
     """
-    rejects = rejects if rejects is not None else Counter()
-    reject = _Rejects(rejects)
+    counter = rejects if isinstance(rejects, RejectCounter) else RejectCounter()
     source = str(source) if source is not None else spec.hf_id
     if source is None:
         raise ValueError(f"benchmark {spec.name} has no hub copy; set its source to a local folder or .jsonl")
     kind = detect_format(source)
     if kind == "shards":
-        items = _iter_shards(Path(source), spec, reject, rejects)
+        items = _iter_shards(Path(source), spec, counter)
     elif kind == "jsonl":
-        items = _iter_jsonl(Path(source), spec, reject)
+        items = _iter_jsonl(Path(source), spec, counter)
     elif kind == "librispeech":
-        items = _iter_librispeech(Path(source), spec, reject, rejects)
+        items = _iter_librispeech(Path(source), spec, counter)
     else:
         dataset = _load_hf(source, kind, spec, split or spec.hf_split, hf_config or spec.hf_config, streaming)
-        items = _iter_hf(dataset, spec, reject)
-    for n, item in enumerate(items):
-        if max_samples is not None and n >= max_samples:
-            break
-        yield item
+        items = _iter_hf(dataset, spec, counter)
+    copied: Counter = Counter()  # the counts already copied into a plain Counter ``rejects``
+
+    def publish() -> None:
+        nonlocal copied
+        if rejects is not None and rejects is not counter:
+            rejects.update(counter - copied)
+            copied = counter.copy()
+
+    try:
+        for n, item in enumerate(items):
+            if max_samples is not None and n >= max_samples:
+                break
+            publish()
+            yield item
+    finally:
+        publish()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.eval.benchmarks import CHOICE_INSTRUCTION, BenchmarkSpec, get_benchmark
 from aero_lightning.eval.decode import (
     GenerationOptions,
@@ -90,7 +90,7 @@ def run_benchmark(
     Returns:
         The benchmark's summary dict (see :func:`evaluate`).
     """
-    rejects: Counter = Counter()
+    rejects = RejectCounter()
     items = iter_items(spec, source, split, hf_config, streaming, max_samples, rejects)
     instruction = prompt if prompt is not None else spec.prompt
     cpt = chars_per_token(model.tokenizer)

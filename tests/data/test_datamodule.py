@@ -1,4 +1,4 @@
-"""AsrCollator padding and windows, split resolution errors, and SampleDecoder rejections."""
+"""AsrCollator padding and windows, split resolution errors, and the eval sample reader's rejections."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from aero_lightning.data.chat import IGNORE_INDEX
-from aero_lightning.data.datamodule import AsrCollator, SampleDecoder, resolve_split
+from aero_lightning.data.datamodule import AsrCollator, resolve_split
+from aero_lightning.data.rejects import RejectCounter
+from aero_lightning.data.shard_reader import read_sample
 from aero_lightning.data.shards import asr_sample_json, build_manifest, encode_flac, write_manifest
 from aero_lightning.model.aero import AudioTokenCounter
 
@@ -116,15 +118,15 @@ def _raw(
     return raw
 
 
-def test_sample_decoder_accepts_valid_sample():
-    decoder = SampleDecoder(max_duration_s=10.0)
-    sample = decoder(_raw(seconds=1.5))
+def test_read_sample_accepts_valid_sample():
+    rejects = RejectCounter()
+    sample = read_sample(_raw(seconds=1.5), rejects, max_duration_s=10.0)
     assert sample is not None
     assert sample["key"] == "k" and sample["corpus"] == "c"
     assert sample["waveform"].dtype == np.float32 and sample["waveform"].shape == (24_000,)
     assert sample["duration_s"] == pytest.approx(1.5)
     assert sample["messages"][-1]["content"][0]["text"] == "hello world"
-    assert not decoder.rejected
+    assert not rejects
 
 
 @pytest.mark.parametrize(
@@ -152,18 +154,19 @@ def test_sample_decoder_accepts_valid_sample():
         "no_flac",
     ],
 )
-def test_sample_decoder_skips_and_counts(raw, reason):
-    decoder = SampleDecoder(max_duration_s=10.0)
-    assert decoder(raw) is None
-    assert decoder.rejected == {reason: 1}
-    assert decoder(raw) is None
-    assert decoder.rejected[reason] == 2
+def test_read_sample_skips_and_counts(raw, reason):
+    rejects = RejectCounter()
+    assert read_sample(raw, rejects, max_duration_s=10.0) is None
+    assert rejects == {reason: 1}
+    assert read_sample(raw, rejects, max_duration_s=10.0) is None
+    assert rejects[reason] == 2
 
 
-def test_sample_decoder_counts_across_reasons():
-    decoder = SampleDecoder(max_duration_s=10.0)
+def test_read_sample_counts_across_reasons():
+    rejects = RejectCounter()
     results = [
-        decoder(r) for r in (_raw(json=b"x"), _raw(text=""), _raw(), _raw(json=b"y"), _raw(seconds=11.0))
+        read_sample(r, rejects, max_duration_s=10.0)
+        for r in (_raw(json=b"x"), _raw(text=""), _raw(), _raw(json=b"y"), _raw(seconds=11.0))
     ]
     assert [r is None for r in results] == [True, True, False, True, True]
-    assert dict(decoder.rejected) == {"bad_json": 2, "empty_text": 1, "too_long": 1}
+    assert dict(rejects) == {"bad_json": 2, "empty_text": 1, "too_long": 1}

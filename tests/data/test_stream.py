@@ -16,14 +16,10 @@ import soundfile as sf
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from aero_lightning.data.datamodule import AeroDataModule
+from aero_lightning.data.rejects import RejectCounter
+from aero_lightning.data.shard_reader import iter_tar
 from aero_lightning.data.shards import asr_sample_json, build_manifest, write_manifest
-from aero_lightning.data.stream import (
-    MixtureStream,
-    RejectCounter,
-    TrainStream,
-    iter_tar,
-    mixture_probs,
-)
+from aero_lightning.data.stream import MixtureStream, TrainStream, mixture_probs
 from aero_lightning.lit_module import AeroLitModule
 from aero_lightning.model.aero import AudioTokenCounter
 
