@@ -13,7 +13,8 @@ import torch
 
 from aero_lightning.data.features import SAMPLE_RATE_HZ
 from aero_lightning.metrics.wer import corpus_wer
-from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.aero import AeroModel, AeroOutput
+from aero_lightning.model.freeze import unfreezable, unfreeze
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,11 @@ class AeroLitModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         # parameters that module.unfreeze trains later; raises if a pattern matches no frozen parameter
-        later = self.model.unfreezable_parameters(self.unfreeze["patterns"]) if self.unfreeze else {}
+        later = (
+            unfreezable(self.model, self.unfreeze["patterns"], self.model.fixed_parameters)
+            if self.unfreeze
+            else {}
+        )
         decay, no_decay, decay_later, no_decay_later = [], [], [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
@@ -156,7 +161,8 @@ class AeroLitModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.unfreeze and not self._unfrozen and self.global_step >= self.unfreeze["at_step"]:
-            names = self.model.unfreeze(self.unfreeze["patterns"])
+            names = unfreeze(self.model, self.unfreeze["patterns"], self.model.fixed_parameters)
+            self.model.refresh_frozen_components()
             self._unfrozen = True
             logger.info("step %d: unfroze %d parameter tensors (%s)", self.global_step, len(names), names[:3])
 
@@ -165,28 +171,42 @@ class AeroLitModule(L.LightningModule):
         return self.model.forward_batch(batch, return_logits=False)  # loss in chunks: no (L, vocab) logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Summed token loss normalised by the target tokens of the whole global batch.
+        """The step's loss, normalised by the target tokens of the whole global batch (:meth:`training_loss`)."""
+        out = self._forward(batch)
+        bs = len(batch["keys"])  # documents (a packed batch is one row of several)
+        if self.model.ctc_only:  # encoder pre-training: the CTC term is the objective
+            self.log("train/loss", out.ctc_loss, prog_bar=True, batch_size=bs)
+            self.log("train/target_tokens", out.ctc_target_tokens.float(), batch_size=bs, reduce_fx="sum")
+        else:
+            self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+            self.log("train/target_tokens", out.num_target_tokens.float(), batch_size=bs, reduce_fx="sum")
+            if out.ctc_loss_sum is not None:
+                self.log("train/ctc_loss", out.ctc_loss, prog_bar=True, batch_size=bs)
+        return self.training_loss(out, batch)
 
-        With ``group_target_tokens`` in the batch (the training stream's :class:`AccumulationGroups`), the count of
-        the accumulation group is all-reduced over ranks at its first micro-batch, and the returned loss is
+    def training_loss(self, out: AeroOutput, batch: dict) -> torch.Tensor:
+        """Assemble the objective: ``LM sum / LM tokens + ctc_weight * CTC sum / CTC tokens``.
+
+        With ``group_target_tokens`` in the batch (the training stream's :class:`AccumulationGroups`), the LM count
+        of the accumulation group is all-reduced over ranks at its first micro-batch, and the LM term is
         ``loss_sum * world_size * accumulate / global_tokens``: Lightning divides it by ``accumulate`` and DDP/FSDP
         average gradients over ranks, so the step's gradient is ``sum of token-loss gradients / global_tokens``,
         invariant to micro-batch size, accumulation and world size. Without it, the micro-batch's token mean.
+
+        The CTC term is the micro-batch's mean per CTC target. With ``model.ctc_only`` it is the whole loss and is
+        normalised like the LM term, by the group's LM target tokens.
         """
-        out = self._forward(batch)
-        loss = out.loss
-        bs = len(batch["keys"])  # documents (a packed batch is one row of several)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if batch.get("group_target_tokens") is not None:
             if batch["group_index"] == 0:
                 local = torch.tensor(float(batch["group_target_tokens"]), device=self.device)
                 self._global_tokens = self.trainer.strategy.reduce(local, reduce_op="sum")
             scale = self.trainer.world_size * self.trainer.accumulate_grad_batches
-            loss = out.loss_sum * scale / self._global_tokens.clamp_min(1.0)
-        if out.ctc_loss is not None:
-            self.log("train/ctc_loss", out.ctc_loss, prog_bar=True, batch_size=bs)
+            lm_sum = out.ctc_loss * out.ctc_target_tokens if self.model.ctc_only else out.loss_sum
+            loss = lm_sum * scale / self._global_tokens.clamp_min(1.0)
+        else:
+            loss = out.ctc_loss if self.model.ctc_only else out.loss
+        if out.ctc_loss_sum is not None and not self.model.ctc_only:
             loss = loss + self.model.ctc_weight * out.ctc_loss
-        self.log("train/target_tokens", out.num_target_tokens.float(), batch_size=bs, reduce_fx="sum")
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -195,8 +215,13 @@ class AeroLitModule(L.LightningModule):
         name = names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
         # token-weighted mean over the set: log sums, Lightning reduces with "sum" then we divide at epoch end
         self._val_sums.setdefault(name, [0.0, 0])
-        self._val_sums[name][0] += float(out.loss_sum)
-        self._val_sums[name][1] += int(out.num_target_tokens)
+        loss_sum, count = (
+            (out.ctc_loss_sum, out.ctc_target_tokens)
+            if self.model.ctc_only
+            else (out.loss_sum, out.num_target_tokens)
+        )
+        self._val_sums[name][0] += float(loss_sum)
+        self._val_sums[name][1] += int(count)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums: dict[str, list] = {}

@@ -32,10 +32,10 @@ import torch
 import webdataset as wds
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
+from aero_lightning.data.audio_tokens import AudioTokenCounter
 from aero_lightning.data.datamodule import resolve_split
 from aero_lightning.data.features import LogMelSpectrogram
 from aero_lightning.data.stream import TrainStream
-from aero_lightning.model.aero import AudioTokenCounter
 
 SAMPLE_RATE_HZ = 16000
 

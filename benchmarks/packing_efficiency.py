@@ -1,7 +1,7 @@
 """Real-token fraction of padded vs packed micro-batches at 4096 and 32768 tokens (Aero's two budgets).
 
 Samples are drawn from two duration distributions, costed exactly as the training stream costs them (Aero's
-projector: 25 audio tokens per second, ``AudioTokenCounter(2, 2)``; text tokens from a speaking rate), cut into
+projector: 25 audio tokens per second, ``AudioTokenCounter(projector_downsample=2)``; text tokens from a speaking rate), cut into
 blocks of ``--buffer-size`` and planned with the library's planners (:func:`aero_lightning.data.packing.plan_batches`),
 as :class:`aero_lightning.data.stream.TrainStream` does. Baselines in the same run: ``padded_arrival`` (padded
 batches cut in arrival order, as a fixed-order padded loader would) and ``padded`` (the stream's padded mode,
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aero_lightning.data.audio_tokens import AudioTokenCounter
 from aero_lightning.data.packing import plan_batches, plan_padded, plan_stats
-from aero_lightning.model.aero import AudioTokenCounter
 
 SAMPLE_RATE_HZ = 16000
 TEXT_TOKENS_PER_S = 3.5  # ~2.7 words/s read speech x ~1.3 Qwen2.5 BPE tokens per English word

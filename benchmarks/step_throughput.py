@@ -32,6 +32,7 @@ from aero_lightning.data.chat import asr_messages, encode_chat, reference_text
 from aero_lightning.data.datamodule import make_dataset, resolve_split
 from aero_lightning.data.packing import collate_packed, collate_padded, plan_packed, plan_padded
 from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.build import build_aero_model
 from aero_lightning.model.projector import MLPStackProjector
 
 
@@ -102,7 +103,7 @@ def main() -> None:
 
     def fresh_model() -> AeroModel:
         torch.manual_seed(0)
-        return AeroModel.from_components(
+        return build_aero_model(
             encoder={"name_or_path": f"{args.model}/encoder"},
             llm={"name_or_path": f"{args.model}/llm"},
             projector=lambda encoder_dim, llm_dim: MLPStackProjector(

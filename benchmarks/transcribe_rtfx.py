@@ -38,14 +38,14 @@ from aero_lightning.eval.decode import (
 )
 from aero_lightning.eval.sources import iter_items
 from aero_lightning.model.aero import AeroModel
-from aero_lightning.model.loading import load_model
+from aero_lightning.model.build import build_aero_model, load_model
 from aero_lightning.model.projector import MLPStackProjector
 
 
 def demo_model(model_dir: str) -> AeroModel:
     """The demo architecture (experiment=demo) from the tiny components, fresh projector (seed 0)."""
     torch.manual_seed(0)
-    return AeroModel.from_components(
+    return build_aero_model(
         encoder={"name_or_path": f"{model_dir}/encoder"},
         llm={"name_or_path": f"{model_dir}/llm"},
         projector=lambda encoder_dim, llm_dim: MLPStackProjector(

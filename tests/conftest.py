@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT, asr_messages, encode_chat
 from aero_lightning.data.datamodule import AsrCollator
 from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.build import build_aero_model
 from aero_lightning.model.projector import MLPStackProjector
 from aero_lightning.model.tiny import build_tiny_components
 
@@ -52,7 +53,7 @@ def make_model(tiny_dir) -> Callable[..., AeroModel]:
 
     def make(encoder_kwargs=None, llm_kwargs=None, projector=None, **kwargs) -> AeroModel:
         torch.manual_seed(0)  # the projector is freshly initialised
-        return AeroModel.from_components(
+        return build_aero_model(
             encoder={"name_or_path": str(tiny_dir / "encoder"), **(encoder_kwargs or {})},
             llm={"name_or_path": str(tiny_dir / "llm"), **(llm_kwargs or {})},
             projector=projector or functools.partial(MLPStackProjector, stack_factor=4, hidden_dim=128),

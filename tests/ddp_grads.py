@@ -22,6 +22,7 @@ from aero_lightning.data.datamodule import AccumulationGroups
 from aero_lightning.data.packing import collate_packed
 from aero_lightning.lit_module import AeroLitModule
 from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.build import build_aero_model
 from aero_lightning.model.projector import MLPStackProjector
 
 DURATIONS_S = [0.5, 2.5, 1.0, 3.0]
@@ -31,7 +32,7 @@ TEXTS = ["hello", "the cat sat on the mat with the lazy dog", "sea shells", "a q
 def build_model(tiny_dir: Path) -> AeroModel:
     """The tiny model with a projector seeded identically in every process."""
     torch.manual_seed(0)
-    return AeroModel.from_components(
+    return build_aero_model(
         encoder={"name_or_path": str(tiny_dir / "encoder")},
         llm={"name_or_path": str(tiny_dir / "llm")},
         projector=functools.partial(MLPStackProjector, stack_factor=4, hidden_dim=128),

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.fabric.strategies.deepspeed import _format_precision_config
 
 from aero_lightning.data.packing import collate_packed
-from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.build import build_aero_model
 from aero_lightning.model.projector import MLPStackProjector
 from aero_lightning.strategies import (
     FSDP2AeroLitModule,
@@ -89,7 +89,7 @@ def reference(tiny_dir, tmp_path_factory):
 def test_reference_loss_is_the_global_token_mean(tiny_dir, reference):
     """Step 1's loss = sum of every document's token losses / all target tokens, computed here directly."""
     torch.manual_seed(0)
-    model = AeroModel.from_components(
+    model = build_aero_model(
         encoder={"name_or_path": str(tiny_dir / "encoder")},
         llm={"name_or_path": str(tiny_dir / "llm")},
         projector=functools.partial(MLPStackProjector, stack_factor=4, hidden_dim=128),

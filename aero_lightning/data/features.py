@@ -24,6 +24,14 @@ import torch
 from torch import Tensor, nn
 from transformers.audio_utils import mel_filter_bank
 
+from aero_lightning.data.audio_tokens import (
+    HOP_LENGTH,
+    SAMPLE_RATE_HZ,
+    WINDOW_FRAMES,
+    WINDOW_SAMPLES,
+    mel_frames,
+)
+
 __all__ = [
     "HOP_LENGTH",
     "N_FFT",
@@ -34,28 +42,13 @@ __all__ = [
     "num_frames",
 ]
 
-SAMPLE_RATE_HZ = 16000
 N_FFT = 400  # 25 ms analysis window
-HOP_LENGTH = 160  # 10 ms hop
-WINDOW_SAMPLES = 480000  # 30 s, Whisper's input window
-WINDOW_FRAMES = 3000  # WINDOW_SAMPLES // HOP_LENGTH
+num_frames = mel_frames
+"""Log-mel frames of a clip, ``ceil(num_samples / HOP_LENGTH)`` (:func:`aero_lightning.data.audio_tokens.mel_frames`):
+the HF extractor's frames centred inside the clip (it computes ``len // HOP_LENGTH + 1`` frames of a centred STFT
+and drops the last one)."""
 
-_HALF = N_FFT // 2
-
-
-def num_frames(num_samples: int | Tensor) -> int | Tensor:
-    """Number of log-mel frames for a clip: ``ceil(num_samples / HOP_LENGTH)`` (480000 samples -> 3000).
-
-    These are the HF extractor's frames centred inside the clip (it computes
-    ``len // HOP_LENGTH + 1`` frames of a centred STFT and drops the last one).
-
-    Args:
-        num_samples: Samples at 16 kHz, an ``int`` or an integer tensor of any shape.
-
-    Returns:
-        Frames, of the same type (and shape) as ``num_samples``.
-    """
-    return (num_samples + HOP_LENGTH - 1) // HOP_LENGTH
+_HALF = N_FFT // 2  # reflect padding of the centred STFT at each end, in samples
 
 
 class LogMelSpectrogram(nn.Module):

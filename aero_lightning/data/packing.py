@@ -1,7 +1,7 @@
-"""Token-budget batching and padding-free packing (design §4).
+"""Token-budget batching and padding-free packing.
 
 Every sample's LLM cost is known before its audio is decoded: ``audio tokens + text tokens``, where the audio
-tokens are a pure function of the duration stored in the sample's JSON (:class:`AudioTokenCounter`) and the
+tokens are a pure function of the duration stored in the sample's JSON (:class:`~aero_lightning.data.audio_tokens.AudioTokenCounter`) and the
 text tokens come from rendering the chat template. A micro-batch is budgeted in LLM tokens
 (``packing_length``):
 
@@ -192,7 +192,7 @@ def collate_padded(samples: Sequence[dict], counter, pad_id: int, left_pad: bool
     Args:
         samples: dicts with ``input_ids`` and ``labels`` (lists of ints, equal length), ``waveform`` (T,) float32
             at 16 kHz, ``key``, ``messages`` and optionally ``corpus``.
-        counter: :class:`~aero_lightning.model.aero.AudioTokenCounter` of the model (30 s window split).
+        counter: :class:`~aero_lightning.data.audio_tokens.AudioTokenCounter` of the model (30 s window split).
         pad_id: token id used for padding.
         left_pad: pad on the left (generation prompts) instead of the right.
 
@@ -216,20 +216,6 @@ def collate_padded(samples: Sequence[dict], counter, pad_id: int, left_pad: bool
     )
 
 
-def encoder_frames_per_window(counter, window_lengths: torch.Tensor) -> torch.Tensor:
-    """Encoder output frames of each window: ``ceil(ceil(samples / hop) / encoder_downsample)``.
-
-    Args:
-        counter: the model's :class:`~aero_lightning.model.aero.AudioTokenCounter`.
-        window_lengths: ``(W,)`` samples per window.
-
-    Returns:
-        ``(W,)`` int64 frames (1500 for a full 30 s window of Whisper).
-    """
-    frames = (window_lengths + counter.hop_length - 1) // counter.hop_length
-    return (frames + counter.encoder_downsample - 1) // counter.encoder_downsample
-
-
 def _cu(lengths: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
 
@@ -239,7 +225,7 @@ def collate_packed(samples: Sequence[dict], counter) -> dict[str, Any]:
 
     Args:
         samples: as for :func:`collate_padded`.
-        counter: the model's :class:`~aero_lightning.model.aero.AudioTokenCounter`.
+        counter: the model's :class:`~aero_lightning.data.audio_tokens.AudioTokenCounter`.
 
     Returns:
         The packed batch dict (``attention_mask`` is absent: attention is per document).
@@ -259,7 +245,7 @@ def collate_packed(samples: Sequence[dict], counter) -> dict[str, Any]:
         "position_ids": position_ids[None],  # (1, L)
         "cu_seqlens": _cu(lengths),  # (D+1,)
         "max_seqlen": int(lengths.max()),
-        "encoder_cu_seqlens": _cu(encoder_frames_per_window(counter, common["window_lengths"])),  # (W+1,)
+        "encoder_cu_seqlens": _cu(counter.encoder_frames(common["window_lengths"])),  # (W+1,)
     } | common
 
 

@@ -46,8 +46,8 @@ from aero_lightning.eval.decode import GenerationOptions, chars_per_token
 from aero_lightning.hf.configuration_aero import AeroConfig
 from aero_lightning.hf.feature_extraction_aero import AeroFeatureExtractor
 from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.build import load_model
 from aero_lightning.model.encoders import WhisperAudioEncoder
-from aero_lightning.model.loading import load_model
 from aero_lightning.model.projector import projector_spec
 
 logger = logging.getLogger(__name__)

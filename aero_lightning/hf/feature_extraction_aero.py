@@ -2,8 +2,8 @@
 
 Cuts each 16 kHz mono clip into 30 s windows (the last one short), computes Whisper log-mel per window on its true
 length with the same :class:`LogMelSpectrogram` the training code uses (equal to ``WhisperFeatureExtractor`` on
-every valid frame), and counts each clip's ``<|AUDIO|>`` slots: per window ``ceil(ceil(samples / 160) /
-encoder_downsample / projector_downsample)`` (ceil at each step).
+every valid frame), and counts each clip's ``<|AUDIO|>`` slots with the training code's
+:class:`~aero_lightning.data.audio_tokens.AudioTokenCounter`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ import numpy as np
 import torch
 from transformers.feature_extraction_utils import BatchFeature, FeatureExtractionMixin
 
-from aero_lightning.data.features import HOP_LENGTH, SAMPLE_RATE_HZ, WINDOW_SAMPLES, LogMelSpectrogram
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+from aero_lightning.data.audio_tokens import SAMPLE_RATE_HZ, WINDOW_SAMPLES, AudioTokenCounter
+from aero_lightning.data.features import LogMelSpectrogram
 
 
 class AeroFeatureExtractor(FeatureExtractionMixin):
@@ -54,18 +51,26 @@ class AeroFeatureExtractor(FeatureExtractionMixin):
         out.pop("_log_mel", None)
         return out
 
+    @property
+    def counter(self) -> AudioTokenCounter:
+        """The training code's audio token count for this extractor's settings."""
+        return AudioTokenCounter(
+            projector_downsample=self.projector_downsample,
+            encoder_downsample=self.encoder_downsample,
+            window_samples=self.window_samples,
+        )
+
     def window_lengths(self, num_samples: int) -> list[int]:
-        """Samples in each 30 s window of a clip (the last may be short)."""
-        full, rest = divmod(int(num_samples), self.window_samples)
-        return [self.window_samples] * full + ([rest] if rest else [])
+        """Samples in each 30 s window of a clip (the last may be short).
+
+        Raises:
+            ValueError: if ``num_samples < 1``.
+        """
+        return self.counter.window_lengths(num_samples)
 
     def num_audio_tokens(self, num_samples: int) -> int:
         """``<|AUDIO|>`` slots of a clip of ``num_samples`` samples."""
-        total = 0
-        for n in self.window_lengths(num_samples):
-            frames = _ceil_div(n, HOP_LENGTH)
-            total += _ceil_div(_ceil_div(frames, self.encoder_downsample), self.projector_downsample)
-        return total
+        return self.counter(num_samples)
 
     def __call__(self, raw_speech, sampling_rate: int | None = None, return_tensors: str = "pt", **kwargs):
         """Log-mel windows of one clip or a list of clips.

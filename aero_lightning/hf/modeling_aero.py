@@ -2,7 +2,7 @@
 
 Whisper encoder (padding-free 30 s windows) -> projector -> causal LM, with the projected audio scattered into the
 ``<|AUDIO|>`` slots of the LLM's input embeddings, exactly as :class:`aero_lightning.model.aero.AeroModel` does at
-inference. The encoder, projector, attention and chat modules are copies of aero_lightning's own files (the
+inference (:func:`aero_lightning.model.splice.splice_audio`). The encoder, projector, attention and chat modules are copies of aero_lightning's own files (the
 exporter rewrites their ``aero_lightning`` imports into relative ones), so the exported model computes what the
 trained one computes; the weights are one ``model.safetensors`` with AeroModel's parameter names.
 """
@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from aero_lightning.hf.configuration_aero import AeroConfig
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
 from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector
+from aero_lightning.model.splice import splice_audio
 
 
 def build_projector(spec: dict, encoder_dim: int, llm_dim: int) -> nn.Module:
@@ -89,24 +90,17 @@ class AeroForConditionalGeneration(AeroPreTrainedModel):
         Raises:
             ValueError: if the slot count differs from the number of audio embeddings.
         """
-        embed = self.llm.get_input_embeddings()
-        slots = input_ids == self.config.audio_token_id  # (B, L)
-        inputs_embeds = embed(input_ids)  # (B, L, D)
+        inputs_embeds = self.llm.get_input_embeddings()(input_ids)  # (B, L, D)
         if input_features is None:
-            if bool(slots.any()):
+            if bool((input_ids == self.config.audio_token_id).any()):
                 raise ValueError("input_ids hold <|AUDIO|> slots but no audio features were given")
             return inputs_embeds
         dtype = next(self.encoder.parameters()).dtype
         hidden, enc_lengths = self.encoder(input_features.to(dtype), feature_lengths)  # (W, S, D_enc)
         projected, proj_lengths = self.projector(hidden, enc_lengths)  # (W, S', D_llm)
         valid = torch.arange(projected.shape[1], device=projected.device)[None, :] < proj_lengths[:, None]
-        audio = projected[valid].to(inputs_embeds.dtype)  # (N_audio, D_llm), window order
-        if audio.shape[0] != int(slots.sum()):
-            raise ValueError(
-                f"{audio.shape[0]} audio embeddings for {int(slots.sum())} <|AUDIO|> slots; build the prompt with "
-                "the feature extractor's num_audio_tokens"
-            )
-        return inputs_embeds.masked_scatter(slots[..., None], audio)
+        audio = projected[valid]  # (N_audio, D_llm), window order
+        return splice_audio(inputs_embeds, input_ids, audio, self.config.audio_token_id)  # (B, L, D)
 
     def forward(
         self,

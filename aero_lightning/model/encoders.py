@@ -11,33 +11,17 @@ window — which removes up to 30x of encoder compute on short utterances.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids
 
+from aero_lightning.data.audio_tokens import encoder_frames
+from aero_lightning.data.features import LogMelSpectrogram
 from aero_lightning.model.attention import PACKED_IMPLEMENTATIONS, packed_attention_kwargs
 
 logger = logging.getLogger(__name__)
-
-
-def whisper_output_lengths(frame_lengths: torch.Tensor | int) -> torch.Tensor | int:
-    """Encoder output frames for ``frame_lengths`` log-mel frames.
-
-    conv1 (kernel 3, stride 1, pad 1) keeps the length; conv2 (kernel 3, stride 2, pad 1) gives
-    ``floor((T - 1) / 2) + 1 = ceil(T / 2)``. A 3000-frame window gives 1500 frames (50 Hz).
-
-    Args:
-        frame_lengths: log-mel frames per window, an int or a LongTensor of any shape.
-
-    Returns:
-        Output frames, same type and shape as the input.
-    """
-    if isinstance(frame_lengths, torch.Tensor):
-        return (frame_lengths - 1) // 2 + 1
-    return (int(frame_lengths) - 1) // 2 + 1
 
 
 class PaddingFreeWhisperEncoder(WhisperEncoder):
@@ -78,8 +62,9 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
                 original); if True, each window is encoded on its true length only.
 
         Returns:
-            ``hidden_states (W, S, d_model)`` with ``S = ceil(T_run / 2)`` and ``output_lengths (W,)`` =
-            ``ceil(feature_lengths / 2)``; rows are valid up to their output length (the rest is undefined).
+            ``hidden_states (W, S, d_model)`` with ``S`` the encoder frames of ``T_run`` log-mel frames and
+            ``output_lengths (W,)`` those of ``feature_lengths`` (:func:`~aero_lightning.data.audio_tokens.encoder_frames`);
+            rows are valid up to their output length (the rest is undefined).
 
         Raises:
             ValueError: if the windows are longer than 3000 frames or the mel bins do not match the config.
@@ -107,14 +92,14 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
         if padding_free:
             # conv2 must not see conv1's response to the padding (gelu(bias) != 0) beyond the true length.
             x = x * valid[:, None, :].to(x.dtype)
-        x = nn.functional.gelu(self.conv2(x))  # (W, D, ceil(T/2))
+        x = nn.functional.gelu(self.conv2(x))  # (W, D, S): S encoder frames
         x = x.permute(0, 2, 1)  # (W, S, D)
         seq_len = x.shape[1]
         positions = self.embed_positions.weight[:seq_len]  # (S, D)
         hidden_states = x + positions
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
-        output_lengths = whisper_output_lengths(feature_lengths)
+        output_lengths = encoder_frames(feature_lengths)  # (W,)
         if padding_free and self.config._attn_implementation in PACKED_IMPLEMENTATIONS:
             return self._packed_layers(hidden_states, output_lengths), output_lengths
         attention_mask = None
@@ -133,7 +118,7 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
             hidden_states = layer(hidden_states, attention_mask)
         hidden_states = self.layer_norm(hidden_states)
         if not padding_free:
-            hidden_states = hidden_states[:, : int(math.ceil(num_frames / 2))]
+            hidden_states = hidden_states[:, : encoder_frames(num_frames)]
         return hidden_states, output_lengths
 
     def _packed_layers(self, hidden_states: torch.Tensor, output_lengths: torch.Tensor) -> torch.Tensor:
@@ -222,8 +207,13 @@ class WhisperAudioEncoder(nn.Module):
         return self.encoder.config.num_mel_bins
 
     def output_lengths(self, feature_lengths: torch.Tensor | int) -> torch.Tensor | int:
-        """Encoder frames produced for ``feature_lengths`` log-mel frames (see :func:`whisper_output_lengths`)."""
-        return whisper_output_lengths(feature_lengths)
+        """Encoder frames produced for ``feature_lengths`` log-mel frames
+        (:func:`~aero_lightning.data.audio_tokens.encoder_frames`)."""
+        return encoder_frames(feature_lengths)
+
+    def build_feature_extractor(self) -> LogMelSpectrogram:
+        """The module that turns ``(W, N)`` waveform windows into this encoder's input: Whisper log-mel."""
+        return LogMelSpectrogram(num_mel_bins=self.num_mel_bins)
 
     def forward(
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor

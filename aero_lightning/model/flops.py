@@ -79,10 +79,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from aero_lightning.data.packing import encoder_frames_per_window
+from aero_lightning.data.audio_tokens import AudioTokenCounter
 
 if TYPE_CHECKING:
-    from aero_lightning.model.aero import AeroModel, AudioTokenCounter
+    from aero_lightning.model.aero import AeroModel
 
 # Dense (no 2:4 sparsity) bf16 Tensor Core peak per GPU, FLOP/s. NVIDIA datasheets quote the "with sparsity"
 # figure; dense is half of it. fp16 has the same peak on all of these.
@@ -394,11 +394,7 @@ def batch_lengths(
     if batch.get("encoder_cu_seqlens") is not None:
         frames = torch.diff(batch["encoder_cu_seqlens"].reshape(-1)).tolist()
     elif batch.get("window_lengths") is not None:
-        if counter is None:
-            from aero_lightning.model.aero import AudioTokenCounter
-
-            counter = AudioTokenCounter()
-        frames = encoder_frames_per_window(counter, batch["window_lengths"]).tolist()
+        frames = (counter or AudioTokenCounter()).encoder_frames(batch["window_lengths"]).tolist()
     else:
         frames = []
     return [int(f) for f in frames], [int(d) for d in docs]

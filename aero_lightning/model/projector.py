@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aero_lightning.data.audio_tokens import projected_tokens
+
 
 def _group_frames(hidden: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero frames past ``lengths`` and fold groups of ``k`` consecutive frames.
@@ -26,11 +28,11 @@ def _group_frames(hidden: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[
     num_windows, seq_len, dim = hidden.shape
     valid = torch.arange(seq_len, device=hidden.device)[None, :] < lengths[:, None]  # (W, S)
     hidden = hidden * valid[..., None].to(hidden.dtype)
-    pad = (-seq_len) % k
+    groups = projected_tokens(seq_len, k)
+    pad = groups * k - seq_len
     if pad:
-        hidden = nn.functional.pad(hidden, (0, 0, 0, pad))  # (W, S + pad, D)
+        hidden = nn.functional.pad(hidden, (0, 0, 0, pad))  # (W, groups * k, D)
         valid = nn.functional.pad(valid, (0, pad))
-    groups = hidden.shape[1] // k
     return hidden.view(num_windows, groups, k, dim), valid.view(num_windows, groups, k)
 
 
@@ -40,11 +42,9 @@ class Projector(nn.Module):
     downsample: int = 1
 
     def output_lengths(self, lengths: torch.Tensor | int) -> torch.Tensor | int:
-        """Output tokens for ``lengths`` valid encoder frames: ``ceil(lengths / downsample)``."""
-        k = self.downsample
-        if isinstance(lengths, torch.Tensor):
-            return (lengths + k - 1) // k
-        return (int(lengths) + k - 1) // k
+        """Output tokens for ``lengths`` valid encoder frames
+        (:func:`~aero_lightning.data.audio_tokens.projected_tokens`)."""
+        return projected_tokens(lengths, self.downsample)
 
 
 class MLPStackProjector(Projector):

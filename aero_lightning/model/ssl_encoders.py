@@ -4,43 +4,29 @@ HF ``HubertModel`` / ``Wav2Vec2Model`` (Hsu et al. 2021, arXiv:2106.07447; Baevs
 read the raw 16 kHz waveform through a strided conv stack (7 convs, total stride 320 samples, receptive field 400)
 and give 50 frames per second, the rate of Whisper's encoder. :class:`SSLAudioEncoder` makes them drop-in for the
 Whisper adapter: windows in, ``(W, S, D)`` frames and ``(W,)`` valid lengths out, with exactly as many frames per
-window as Whisper would give (``ceil(ceil(samples / 160) / 2)``), so ``AeroModel.audio_token_counter()`` and the
-data pipeline's token budgets hold unchanged. Each window is zero-padded on the right to the length the conv stack
-needs for that many frames.
+window as Whisper would give (:func:`aero_lightning.data.audio_tokens.samples_encoder_frames`), so the audio token
+count and the data pipeline's token budgets hold unchanged. Each window is zero-padded on the right to the length
+the conv stack needs for that many frames.
 
-The encoders take waveforms, not log-mel: :func:`build_aero_model` swaps ``AeroModel.feature_extractor`` for
-:class:`WaveformWindows`, which hands the 30 s waveform windows through unchanged (``AeroModel.compute_features``
-then returns waveforms, and ``AeroModel._encode`` passes them to this encoder). ``model._target_`` of
-``conf/experiment/ablation_encoder.yaml`` points at :func:`build_aero_model`, which builds a Whisper model exactly
-as ``AeroModel.from_components`` does and an SSL one otherwise (``model.encoder.type``).
+The encoders take waveforms, not log-mel: their feature extractor (:class:`WaveformWindows`) hands the 30 s
+waveform windows through unchanged. :func:`aero_lightning.model.build.build_aero_model` picks this adapter for
+``model.encoder.type`` ``hubert`` or ``wav2vec2``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-from aero_lightning.data.features import HOP_LENGTH
-from aero_lightning.model.aero import AeroModel, check_architecture
-from aero_lightning.model.projector import Projector
+from aero_lightning.data.audio_tokens import samples_encoder_frames
 
 logger = logging.getLogger(__name__)
 
 SSL_TYPES = ("hubert", "wav2vec2")
-WHISPER_ENCODER_DOWNSAMPLE = 2  # Whisper: one encoder frame per 2 log-mel frames of 160 samples
-
-
-def whisper_frames(num_samples: torch.Tensor | int) -> torch.Tensor | int:
-    """Encoder frames Whisper gives for a window of ``num_samples`` samples: ``ceil(ceil(n / 160) / 2)``."""
-    if isinstance(num_samples, torch.Tensor):
-        mel = (num_samples + HOP_LENGTH - 1) // HOP_LENGTH
-        return (mel + WHISPER_ENCODER_DOWNSAMPLE - 1) // WHISPER_ENCODER_DOWNSAMPLE
-    mel = -(-int(num_samples) // HOP_LENGTH)
-    return -(-mel // WHISPER_ENCODER_DOWNSAMPLE)
 
 
 def conv_geometry(kernels: Sequence[int], strides: Sequence[int]) -> tuple[int, int]:
@@ -64,8 +50,7 @@ def conv_geometry(kernels: Sequence[int], strides: Sequence[int]) -> tuple[int, 
 class WaveformWindows(nn.Module):
     """Feature extractor for waveform encoders: returns the 30 s windows unchanged.
 
-    Replaces ``AeroModel.feature_extractor`` (a log-mel module) so that ``compute_features`` hands the encoder
-    ``(W, N)`` float32 waveforms and ``(W,)`` sample counts.
+    ``AeroModel.compute_features`` then hands the encoder ``(W, N)`` float32 waveforms and ``(W,)`` sample counts.
     """
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +87,6 @@ class SSLAudioEncoder(nn.Module):
     same). :meth:`from_pretrained` turns LayerDrop off and SpecAugment off by default (and then freezes the unused
     ``masked_spec_embed``): both leave parameters without a gradient in some steps, which DDP and ZeRO reject.
     """
-
-    num_mel_bins = 80  # AeroModel builds a log-mel module from it; build_aero_model replaces that module
 
     def __init__(self, encoder: PreTrainedModel, normalize: bool = True):
         super().__init__()
@@ -162,8 +145,13 @@ class SSLAudioEncoder(nn.Module):
         return self.encoder.config.hidden_size
 
     def output_lengths(self, num_samples: torch.Tensor | int) -> torch.Tensor | int:
-        """Frames per window (Whisper's count, :func:`whisper_frames`)."""
-        return whisper_frames(num_samples)
+        """Frames per window of ``num_samples`` samples (Whisper's count,
+        :func:`~aero_lightning.data.audio_tokens.samples_encoder_frames`)."""
+        return samples_encoder_frames(num_samples)
+
+    def build_feature_extractor(self) -> WaveformWindows:
+        """The module that turns ``(W, N)`` waveform windows into this encoder's input: the waveforms themselves."""
+        return WaveformWindows()
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode waveform windows.
@@ -175,11 +163,11 @@ class SSLAudioEncoder(nn.Module):
 
         Returns:
             ``(W, S, D)`` hidden states with ``S = max(frames)`` and ``(W,)`` valid frames
-            ``frames = ceil(ceil(lengths / 160) / 2)``; rows are valid up to their frame count.
+            ``frames = samples_encoder_frames(lengths)``; rows are valid up to their frame count.
         """
         device = waveforms.device
         lengths = lengths.to(device=device, dtype=torch.long)
-        frames = whisper_frames(lengths)  # (W,)
+        frames = samples_encoder_frames(lengths)  # (W,)
         needed = self.receptive_field + (frames - 1) * self.stride  # (W,) samples giving exactly `frames`
         total = int(needed.max())
         x = waveforms.float()[:, :total]
@@ -196,83 +184,3 @@ class SSLAudioEncoder(nn.Module):
         dtype = next(self.encoder.parameters()).dtype
         hidden = self.encoder(x.to(dtype), attention_mask=attention_mask).last_hidden_state  # (W, S, D)
         return hidden, frames
-
-
-def build_aero_model(
-    encoder: Mapping,
-    llm: Mapping,
-    projector: Callable[..., Projector],
-    freeze: Sequence[str] = (),
-    gradient_checkpointing: bool = False,
-    end_of_turn_token: str = "<|im_end|>",
-    ctc_weight: float = 0.0,
-    attn_implementation: str | None = None,
-    liger: Mapping | bool | None = None,
-    loss_chunk_tokens: int = 4096,
-    ctc_only: bool = False,
-    init_from: Mapping | None = None,
-) -> AeroModel:
-    """``AeroModel.from_components`` for any encoder type (``encoder.type``: ``whisper`` default, ``hubert``,
-    ``wav2vec2``).
-
-    Whisper goes to ``AeroModel.from_components`` unchanged. An SSL encoder is loaded with
-    :meth:`SSLAudioEncoder.from_pretrained` (its own ``attn_implementation``, ``sdpa`` by default:
-    ``attn_implementation`` applies to the LLM only), the LLM and tokenizer as ``from_components`` loads them, and the
-    model's log-mel extractor is replaced by :class:`WaveformWindows`.
-
-    Args:
-        encoder: ``{"type", "name_or_path", "normalize", "spec_augment", "attn_implementation", "torch_dtype",
-            "expect"}``; Whisper
-            keys as in ``AeroModel.from_components``.
-        llm, projector, freeze, gradient_checkpointing, end_of_turn_token, ctc_weight, attn_implementation, liger,
-            loss_chunk_tokens, ctc_only, init_from: as in ``AeroModel.from_components``.
-
-    Returns:
-        The :class:`~aero_lightning.model.aero.AeroModel`.
-
-    Raises:
-        ValueError: for an unknown ``encoder.type`` or an architecture that does not match ``expect``.
-        OSError: from transformers when a checkpoint cannot be loaded.
-    """
-    kind = encoder.get("type", "whisper")
-    common = {
-        "freeze": freeze,
-        "gradient_checkpointing": gradient_checkpointing,
-        "end_of_turn_token": end_of_turn_token,
-        "ctc_weight": ctc_weight,
-        "liger": liger,
-        "loss_chunk_tokens": loss_chunk_tokens,
-        "ctc_only": ctc_only,
-    }
-    if kind == "whisper":
-        whisper = {k: v for k, v in encoder.items() if k != "type"}
-        return AeroModel.from_components(
-            whisper, llm, projector, attn_implementation=attn_implementation, init_from=init_from, **common
-        )
-    if kind not in SSL_TYPES:
-        raise ValueError(f"model.encoder.type must be 'whisper' or one of {SSL_TYPES}, got {kind!r}")
-    enc = SSLAudioEncoder.from_pretrained(
-        encoder["name_or_path"],
-        normalize=encoder.get("normalize", True),
-        attn_implementation=encoder.get("attn_implementation") or "sdpa",
-        torch_dtype=encoder.get("torch_dtype"),
-        spec_augment=encoder.get("spec_augment", False),
-    )
-    if enc.encoder.config.model_type != kind:
-        raise ValueError(
-            f"model.encoder.type is {kind!r} but {encoder['name_or_path']} is a {enc.encoder.config.model_type}"
-        )
-    check_architecture("encoder", enc.encoder.config, encoder.get("expect"))
-    llm_kwargs = {"attn_implementation": attn_implementation or llm.get("attn_implementation", "sdpa")}
-    if llm.get("torch_dtype") is not None:
-        llm_kwargs["dtype"] = getattr(torch, llm["torch_dtype"])
-    lm = AutoModelForCausalLM.from_pretrained(llm["name_or_path"], **llm_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(llm.get("tokenizer") or llm["name_or_path"])
-    check_architecture("llm", lm.config, llm.get("expect"))
-    proj = projector(encoder_dim=enc.hidden_size, llm_dim=lm.config.hidden_size)
-    model = AeroModel(enc, proj, lm, tokenizer, **common)
-    model.feature_extractor = WaveformWindows()
-    if init_from and init_from.get("ckpt"):
-        model.load_weights_from(init_from["ckpt"], init_from.get("include") or [r"^encoder\."])
-    logger.info("AeroModel with a %s encoder (%s) reading raw waveforms", kind, encoder["name_or_path"])
-    return model

@@ -41,7 +41,7 @@ from aero_lightning.eval.sources import EvalItem, detect_format, iter_items
 from aero_lightning.metrics.choice import choice_accuracy, format_choices
 from aero_lightning.metrics.repetition import repetition_stats
 from aero_lightning.metrics.wer import WERResult, corpus_wer, is_scored_reference, mean_wer, normalize_english
-from aero_lightning.model.loading import load_model
+from aero_lightning.model.build import load_model
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from aero_lightning.lit_module import AeroLitModule
+from aero_lightning.model.freeze import unfreezable
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def train(cfg: DictConfig) -> dict:
     n_all = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %.2fM trainable", n_all / 1e6, n_train / 1e6)
     if module.unfreeze:  # raises here, before training, if a pattern matches no frozen parameter
-        later = model.unfreezable_parameters(module.unfreeze["patterns"])
+        later = unfreezable(model, module.unfreeze["patterns"], model.fixed_parameters)
         logger.info(
             "module.unfreeze: %.2fM more trainable from step %d",
             sum(p.numel() for p in later.values()) / 1e6,

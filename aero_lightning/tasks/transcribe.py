@@ -28,7 +28,7 @@ from aero_lightning.eval.decode import (
     decode_waveforms,
     plan_decode_batches,
 )
-from aero_lightning.model.loading import load_model
+from aero_lightning.model.build import load_model
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from aero_lightning.data.datamodule import AeroDataModule
-from aero_lightning.model.loading import load_model
+from aero_lightning.model.build import load_model
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import torch
 
 from aero_lightning.data.datamodule import AeroDataModule
 from aero_lightning.metrics.wer import corpus_wer
-from aero_lightning.model.loading import load_model
+from aero_lightning.model.build import load_model
 
 
 def greedy_ctc(log_probs: torch.Tensor, length: int, blank: int) -> list[int]:

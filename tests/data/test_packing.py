@@ -1,4 +1,4 @@
-"""Token-budget planners and the packed batch contract (design §4)."""
+"""Token-budget planners and the packed batch contract."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ from aero_lightning.data.chat import IGNORE_INDEX
 from aero_lightning.data.packing import (
     collate_packed,
     collate_padded,
-    encoder_frames_per_window,
     plan_batches,
     plan_packed,
     plan_padded,
     plan_stats,
 )
-from aero_lightning.model.aero import AudioTokenCounter
+from aero_lightning.data.audio_tokens import AudioTokenCounter
 
 COUNTER = AudioTokenCounter(encoder_downsample=2, projector_downsample=4)
 
@@ -82,7 +81,7 @@ def test_packed_batch_contract(tokenizer, make_encoded):
         assert batch["labels"][0, a + 1 : b].tolist() == s["labels"][1:]
     # the 31 s clip is two windows; windows are in document order
     assert batch["window_lengths"].tolist() == [11_200, 36_800, 480_000, 16_000, 17_600]
-    frames = encoder_frames_per_window(COUNTER, batch["window_lengths"])
+    frames = COUNTER.encoder_frames(batch["window_lengths"])
     assert frames.tolist() == [35, 115, 1500, 50, 55]
     assert batch["encoder_cu_seqlens"].dtype == torch.int32
     assert batch["encoder_cu_seqlens"].tolist() == [0, 35, 150, 1650, 1700, 1755]

@@ -18,7 +18,7 @@ from aero_runs import SENTENCES, speak, write_lightning_run
 
 from aero_lightning.eval.decode import GenerationOptions
 from aero_lightning.hf.export import export, remote_code_files
-from aero_lightning.model.loading import load_model
+from aero_lightning.model.build import load_model
 from aero_lightning.tasks.transcribe import transcribe_files
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,11 @@ import pytest
 import torch
 from transformers import WhisperForConditionalGeneration
 
-from aero_lightning.model.aero import AeroModel, AudioTokenCounter
+from aero_lightning.data.audio_tokens import AudioTokenCounter
+from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.build import from_pretrained, load_weights_from, save_pretrained
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
+from aero_lightning.model.freeze import unfreeze
 from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector
 
 
@@ -24,6 +27,12 @@ def _forward(model: AeroModel, batch: dict, **overrides):
     }
     kwargs.update(overrides)
     return model(**kwargs)
+
+
+def _unfreeze(model: AeroModel, patterns: list[str]) -> list[str]:
+    names = unfreeze(model, patterns, model.fixed_parameters)
+    model.refresh_frozen_components()
+    return names
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -154,21 +163,21 @@ def test_unfreeze_makes_matching_frozen_parameters_trainable_and_leaves_eval_mod
     table = "encoder.encoder.embed_positions.weight"  # fixed by the adapter (sinusoids), not by freeze
     encoder_names = sorted(n for n, _ in model.named_parameters() if n.startswith("encoder.") and n != table)
     frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert model.unfreeze(["^encoder\\."]) == encoder_names
+    assert _unfreeze(model, ["^encoder\\."]) == encoder_names
     frozen_after = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen_after == frozen_before - set(encoder_names)
     assert table in frozen_after and any(n.startswith("llm.") for n in frozen_after)
     assert all(m.training for m in model.encoder.modules())
     assert _components_in_eval(model, "llm")
     with pytest.raises(ValueError, match=r"\['\^encoder\\\\.'\] match no frozen parameter"):
-        model.unfreeze(["^encoder\\.", "^llm\\."])  # the encoder is trainable now
+        _unfreeze(model, ["^encoder\\.", "^llm\\."])  # the encoder is trainable now
 
 
 def test_ctc_term_is_skipped_while_encoder_and_head_are_frozen(make_model, make_samples, make_batch):
     model = make_model(ctc_weight=0.3, freeze=["^encoder\\.", "^ctc_head\\."]).train()
     batch = make_batch(model, make_samples([0.7, 2.3]))
     assert _forward(model, batch).ctc_loss is None  # no gradient could reach a weight
-    model.unfreeze(["^ctc_head\\."])
+    _unfreeze(model, ["^ctc_head\\."])
     assert _forward(model, batch).ctc_loss > 0
 
 
@@ -255,8 +264,8 @@ def test_save_and_load_pretrained_roundtrip(
     batch = make_batch(model, make_samples([0.7, 2.3]))
     with torch.no_grad():
         expected = _forward(model, batch).logits
-    model.save_pretrained(tmp_path / "aero")
-    loaded = AeroModel.from_pretrained(tmp_path / "aero").eval()
+    save_pretrained(model, tmp_path / "aero")
+    loaded = from_pretrained(tmp_path / "aero").eval()
     assert type(loaded.projector) is type(model.projector)
     assert loaded.projector.downsample == model.projector.downsample
     assert loaded.encoder.padding_free == padding_free
@@ -270,7 +279,7 @@ def test_save_and_load_pretrained_roundtrip(
 
 def test_from_pretrained_without_config_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="aero_config.json"):
-        AeroModel.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_whisper_encoder_loads_from_encoder_only_and_full_checkpoints(tiny_dir, tmp_path):
@@ -402,13 +411,13 @@ def test_ctc_only_loss_is_the_ctc_loss_and_freezes_projector_and_llm(make_model,
     out = _forward(model, batch)
     labels = batch["labels"]
     n_ctc_targets = int(((labels != -100) & (labels != model.end_of_turn_id)).sum())
-    assert int(out.num_target_tokens) == n_ctc_targets
+    assert int(out.ctc_target_tokens) == n_ctc_targets
     # same seed, same encoder and head: the per-token loss is the hybrid model's CTC term
-    torch.testing.assert_close(out.loss, hybrid.ctc_loss, rtol=1e-5, atol=1e-6)
-    assert out.ctc_loss is None  # not added a second time by the training step
+    torch.testing.assert_close(out.ctc_loss, hybrid.ctc_loss, rtol=1e-5, atol=1e-6)
+    assert out.loss_sum is None and out.logits is None  # the LLM is not run
     assert not any(p.requires_grad for p in model.llm.parameters())
     assert not any(p.requires_grad for p in model.projector.parameters())
-    out.loss.backward()
+    out.ctc_loss.backward()
     assert model.encoder.encoder.conv1.weight.grad.abs().sum() > 0
 
 
@@ -433,4 +442,4 @@ def test_init_from_copies_only_the_included_weights(make_model, tmp_path):
         torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
 
     with pytest.raises(ValueError, match="matches no weight"):
-        target.load_weights_from(ckpt, [r"^no_such_module\."])
+        load_weights_from(target, ckpt, [r"^no_such_module\."])

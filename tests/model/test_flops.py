@@ -17,6 +17,7 @@ from aero_lightning.model.flops import (
     peak_flops,
     step_flops,
 )
+from aero_lightning.model.freeze import freeze
 
 # The tiny config of tests/conftest.py, written out (checked against the loaded model in _check_config).
 N_MELS, ENC_D, ENC_LAYERS, ENC_FFN = 80, 64, 2, 128  # Whisper encoder: 2 heads of 32
@@ -83,7 +84,7 @@ def test_hand_worked_count_all_trainable(make_model):
 def test_frozen_encoder_costs_forward_only(make_model):
     model = make_model()
     trained = step_flops(count_params(model), FRAMES, DOCS)
-    model.apply_freeze(["^encoder\\."])
+    freeze(model, ["^encoder\\."])
     params = count_params(model)
     assert (params.encoder.trainable, params.encoder.frozen) == (0, ENC_LINEAR)
     assert (params.encoder.stem_trainable, params.encoder.stem_frozen) == (0, ENC_STEM)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from aero_runs import write_lightning_run
 
-from aero_lightning.model.loading import load_model, resolve_checkpoint
+from aero_lightning.model.build import load_model, resolve_checkpoint, save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_checkpoint_run_folder_and_save_pretrained_give_the_same_model(run, tmp_
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0)
     assert resolve_checkpoint(run_dir) == ckpt  # a run folder means its last.ckpt
-    model.save_pretrained(tmp_path / "pretrained")
+    save_pretrained(model, tmp_path / "pretrained")
     again = load_model(tmp_path / "pretrained", device="cpu")
     for name, value in again.state_dict().items():
         torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0)

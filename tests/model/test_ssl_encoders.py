@@ -9,17 +9,16 @@ import pytest
 import torch
 from ssl_tiny import build_tiny_ssl
 
+from aero_lightning.data.audio_tokens import AudioTokenCounter, samples_encoder_frames
 from aero_lightning.data.packing import collate_packed
-from aero_lightning.model.aero import AudioTokenCounter
+from aero_lightning.model.build import build_aero_model
 from aero_lightning.model.encoders import WhisperAudioEncoder
 from aero_lightning.model.flops import count_params
 from aero_lightning.model.projector import AvgPoolProjector
 from aero_lightning.model.ssl_encoders import (
     SSLAudioEncoder,
     WaveformWindows,
-    build_aero_model,
     conv_geometry,
-    whisper_frames,
 )
 
 LENGTHS = [1, 159, 160, 161, 399, 400, 3200, 16_001, 480_000]
@@ -34,12 +33,14 @@ def test_wav2vec2_conv_stack_geometry():
     assert conv_geometry((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)) == (400, 320)
 
 
-def test_whisper_frames_match_the_audio_token_counter():
+def test_samples_encoder_frames_match_the_audio_token_counter():
     counter = AudioTokenCounter(encoder_downsample=2, projector_downsample=1)  # tokens = encoder frames
     for n in LENGTHS:
-        assert whisper_frames(n) == counter.tokens_per_window(n)
-    assert whisper_frames(torch.tensor(LENGTHS)).tolist() == [whisper_frames(n) for n in LENGTHS]
-    assert whisper_frames(480_000) == 1500
+        assert samples_encoder_frames(n) == counter.tokens_per_window(n)
+    assert samples_encoder_frames(torch.tensor(LENGTHS)).tolist() == [
+        samples_encoder_frames(n) for n in LENGTHS
+    ]
+    assert samples_encoder_frames(480_000) == 1500
 
 
 def test_frames_per_window_are_whispers(ssl_dir):
@@ -48,7 +49,7 @@ def test_frames_per_window_are_whispers(ssl_dir):
     lengths = torch.tensor(LENGTHS)
     with torch.no_grad():
         hidden, frames = enc(torch.randn(len(LENGTHS), 480_000), lengths)
-    expected = [whisper_frames(n) for n in LENGTHS]
+    expected = [samples_encoder_frames(n) for n in LENGTHS]
     assert frames.tolist() == expected
     assert hidden.shape == (len(LENGTHS), 1500, 64)
     # the conv stack really produces that many frames from the padded length
@@ -98,7 +99,7 @@ def test_aero_model_with_ssl_encoder_trains_on_waveforms(ssl_dir, tiny_dir, make
     assert params.encoder.trainable_layers == 2 and params.encoder.attn_width == 64
 
 
-def test_build_aero_model_keeps_whisper_on_from_components(tiny_dir):
+def test_build_aero_model_defaults_to_whisper(tiny_dir):
     model = build_aero_model(
         {"name_or_path": str(tiny_dir / "encoder")},
         {"name_or_path": str(tiny_dir / "llm")},

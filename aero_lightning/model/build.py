@@ -1,0 +1,450 @@
+"""Build, persist and load an :class:`~aero_lightning.model.aero.AeroModel`.
+
+- :func:`build_aero_model` (``conf/model/aero.yaml``'s ``_target_``) loads the encoder and the LLM with the real
+  ``from_pretrained`` (a hub id or a local folder), dispatching on ``model.encoder.type``: ``whisper`` (default,
+  :class:`~aero_lightning.model.encoders.WhisperAudioEncoder`), ``hubert`` or ``wav2vec2``
+  (:class:`~aero_lightning.model.ssl_encoders.SSLAudioEncoder`). It checks each component's architecture against the
+  config, builds a fresh projector, and copies weights from an earlier run (``init_from``).
+- :func:`save_pretrained` / :func:`from_pretrained`: a self-describing folder (``encoder/``, ``llm/`` with the
+  tokenizer, ``projector.safetensors``, ``aero_config.json``).
+- :func:`load_model`: a model for inference from a Lightning checkpoint, a run folder or a ``save_pretrained``
+  folder. A Lightning ``.ckpt`` is rebuilt from the run's ``config.yaml`` (written by
+  :func:`aero_lightning.tasks.train.train` into the run folder; checkpoints live in ``<run>/checkpoints/``), looked
+  up next to the file and one and two folders above it; its weights are ``state_dict`` entries prefixed ``model.``.
+  The config's encoder and LLM checkpoints must still be reachable. Training-only switches are turned off for
+  inference: Liger kernels, activation checkpointing, ``init_from``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from aero_lightning.data.chat import AUDIO_SPECIAL_TOKENS
+from aero_lightning.model.aero import AeroModel
+from aero_lightning.model.encoders import WhisperAudioEncoder
+from aero_lightning.model.projector import PROJECTORS, Projector, projector_spec
+from aero_lightning.model.ssl_encoders import SSL_TYPES, SSLAudioEncoder
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ENCODER_TYPES",
+    "build_aero_model",
+    "check_architecture",
+    "ensure_audio_tokens",
+    "find_run_config",
+    "from_pretrained",
+    "lightning_model_weights",
+    "load_encoder",
+    "load_model",
+    "load_weights_from",
+    "resolve_checkpoint",
+    "save_pretrained",
+]
+
+ENCODER_TYPES = ("whisper", *SSL_TYPES)
+"""Values of ``model.encoder.type``."""
+
+MODEL_PREFIX = "model."
+"""Prefix of the model's weights in a Lightning checkpoint of :class:`~aero_lightning.lit_module.AeroLitModule`."""
+
+
+def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, value)
+
+
+# ----------------------------------------------------------------------------------------- components
+
+
+def check_architecture(name: str, config, expect: Mapping | None) -> None:
+    """Check a loaded component's config against the architecture the experiment config states.
+
+    Raises:
+        ValueError: listing every mismatching field, e.g. a Whisper-small checkpoint under an experiment that
+            expects Whisper-large-v3's ``d_model: 1280``.
+    """
+    wrong = {
+        k: (v, getattr(config, k, None)) for k, v in (expect or {}).items() if getattr(config, k, None) != v
+    }
+    if wrong:
+        detail = ", ".join(f"{k}: expected {v[0]}, checkpoint has {v[1]}" for k, v in wrong.items())
+        raise ValueError(f"model.{name} checkpoint does not match model.{name}.expect ({detail})")
+
+
+def ensure_audio_tokens(tokenizer, llm: PreTrainedModel) -> None:
+    """Add the audio special tokens to ``tokenizer`` if missing, and grow the LLM's embeddings to fit.
+
+    Qwen2.5's tokenizer has no audio tokens (Qwen2-Audio's has); its embedding matrix is padded to 151 936 rows, so
+    the new ids usually fit without resizing.
+    """
+    missing = [
+        t
+        for t in AUDIO_SPECIAL_TOKENS
+        if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
+    ]
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+        logger.info("added audio special tokens %s to the tokenizer", missing)
+    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(len(tokenizer))
+
+
+def load_encoder(spec: Mapping, attn_implementation: str | None = None) -> nn.Module:
+    """Load the audio encoder that ``spec`` (``model.encoder``) names, with ``from_pretrained``.
+
+    Args:
+        spec: ``{"type": "whisper" | "hubert" | "wav2vec2", "name_or_path", "attn_implementation", "torch_dtype",
+            "expect"}``; Whisper adds ``padding_free``, the SSL encoders ``normalize`` and ``spec_augment``.
+        attn_implementation: overrides a Whisper encoder's own backend (the model-wide ``attn_implementation``,
+            e.g. ``varlen``); the SSL encoders keep their own (``sdpa`` by default).
+
+    Returns:
+        A :class:`WhisperAudioEncoder` or :class:`SSLAudioEncoder`.
+
+    Raises:
+        ValueError: for an unknown ``type``, a checkpoint of another type, or an architecture that does not match
+            ``expect``.
+        OSError: from transformers when the hub id or folder cannot be loaded.
+    """
+    kind = spec.get("type", "whisper")
+    if kind not in ENCODER_TYPES:
+        raise ValueError(f"model.encoder.type must be one of {ENCODER_TYPES}, got {kind!r}")
+    if kind == "whisper":
+        encoder = WhisperAudioEncoder.from_pretrained(
+            spec["name_or_path"],
+            padding_free=spec.get("padding_free", True),
+            attn_implementation=attn_implementation or spec.get("attn_implementation", "sdpa"),
+            torch_dtype=spec.get("torch_dtype"),
+        )
+    else:
+        encoder = SSLAudioEncoder.from_pretrained(
+            spec["name_or_path"],
+            normalize=spec.get("normalize", True),
+            attn_implementation=spec.get("attn_implementation") or "sdpa",
+            torch_dtype=spec.get("torch_dtype"),
+            spec_augment=spec.get("spec_augment", False),
+        )
+        if encoder.encoder.config.model_type != kind:
+            raise ValueError(
+                f"model.encoder.type is {kind!r} but {spec['name_or_path']} is a "
+                f"{encoder.encoder.config.model_type}"
+            )
+    check_architecture("encoder", encoder.encoder.config, spec.get("expect"))
+    return encoder
+
+
+def _load_llm(spec: Mapping, attn_implementation: str | None) -> tuple[PreTrainedModel, object]:
+    kwargs = {"attn_implementation": attn_implementation or spec.get("attn_implementation", "sdpa")}
+    if spec.get("torch_dtype") is not None:
+        kwargs["dtype"] = _dtype(spec["torch_dtype"])
+    llm = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(spec.get("tokenizer") or spec["name_or_path"])
+    check_architecture("llm", llm.config, spec.get("expect"))
+    return llm, tokenizer
+
+
+def build_aero_model(
+    encoder: Mapping,
+    llm: Mapping,
+    projector: Callable[..., Projector],
+    freeze: Sequence[str] = (),
+    gradient_checkpointing: bool = False,
+    end_of_turn_token: str = "<|im_end|>",
+    ctc_weight: float = 0.0,
+    attn_implementation: str | None = None,
+    liger: Mapping | bool | None = None,
+    loss_chunk_tokens: int = 4096,
+    ctc_only: bool = False,
+    init_from: Mapping | None = None,
+) -> AeroModel:
+    """Load encoder and LLM with ``from_pretrained``, build a fresh projector, and assemble the model.
+
+    Args:
+        encoder: ``model.encoder`` (:func:`load_encoder`).
+        llm: ``{"name_or_path", "attn_implementation", "torch_dtype", "tokenizer", "expect"}`` (``tokenizer``
+            defaults to ``name_or_path``).
+        projector: a callable ``projector(encoder_dim=..., llm_dim=...)`` (a Hydra ``_partial_`` config).
+        freeze, gradient_checkpointing, end_of_turn_token, ctc_weight, liger, loss_chunk_tokens, ctc_only: see
+            :class:`~aero_lightning.model.aero.AeroModel`.
+        attn_implementation: attention backend of the LLM and of a Whisper encoder (``varlen``,
+            ``flash_attention_2``, ``sdpa``, ``eager``; :mod:`aero_lightning.model.attention`); None keeps each
+            component's own ``attn_implementation``.
+        init_from: ``{"ckpt": PATH, "include": [regex, ...]}``: then copy the matching weights from an earlier run
+            (:func:`load_weights_from`), e.g. the encoder of a ``ctc_only`` pre-training run.
+
+    Returns:
+        The :class:`~aero_lightning.model.aero.AeroModel`.
+
+    Raises:
+        ValueError: see :func:`load_encoder`, :func:`check_architecture` and :func:`load_weights_from`.
+        OSError: from transformers when a hub id or folder cannot be loaded.
+    """
+    enc = load_encoder(encoder, attn_implementation)
+    lm, tokenizer = _load_llm(llm, attn_implementation)
+    proj = projector(encoder_dim=enc.hidden_size, llm_dim=lm.config.hidden_size)
+    ensure_audio_tokens(tokenizer, lm)
+    model = AeroModel(
+        enc,
+        proj,
+        lm,
+        tokenizer,
+        freeze=freeze,
+        gradient_checkpointing=gradient_checkpointing,
+        end_of_turn_token=end_of_turn_token,
+        ctc_weight=ctc_weight,
+        liger=liger,
+        loss_chunk_tokens=loss_chunk_tokens,
+        ctc_only=ctc_only,
+    )
+    if init_from and init_from.get("ckpt"):
+        load_weights_from(model, init_from["ckpt"], init_from.get("include") or [r"^encoder\."])
+    if encoder.get("type", "whisper") != "whisper":
+        logger.info(
+            "AeroModel with a %s encoder (%s) reading raw waveforms", encoder["type"], encoder["name_or_path"]
+        )
+    return model
+
+
+# ------------------------------------------------------------------------------ checkpoints of runs
+
+
+def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
+    """The checkpoint file or ``save_pretrained`` folder that ``ckpt`` names.
+
+    Accepts a ``save_pretrained`` folder (holds ``aero_config.json``), a Lightning ``.ckpt`` file, or a run folder
+    (``checkpoints/last.ckpt``).
+
+    Raises:
+        FileNotFoundError: if ``ckpt`` does not exist, or a run folder has no ``checkpoints/last.ckpt``.
+        ValueError: for a DeepSpeed checkpoint folder (sharded; convert it first, the message says how).
+    """
+    path = Path(ckpt).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; give a Lightning .ckpt, a training run folder (with "
+            "checkpoints/last.ckpt) or a folder written by save_pretrained"
+        )
+    if path.is_file() or (path / "aero_config.json").is_file():
+        return path
+    if (path / "checkpoints" / "last.ckpt").is_dir():  # a DeepSpeed run folder: last.ckpt is itself a folder
+        path = path / "checkpoints" / "last.ckpt"
+    if (path / "checkpoint").is_dir() or (path / "latest").is_file():
+        raise ValueError(
+            f'{path} is a DeepSpeed checkpoint folder (sharded). Convert it to one file first: python -c "from '
+            "lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict as c; "
+            f"c('{path}', '{path}.fp32.ckpt')\", then pass ckpt={path}.fp32.ckpt"
+        )
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    raise FileNotFoundError(
+        f"{path} is a folder without aero_config.json (save_pretrained) or checkpoints/last.ckpt (training run)"
+    )
+
+
+def find_run_config(ckpt_file: Path) -> Path:
+    """The training run's ``config.yaml`` for a checkpoint file (same folder, parent, grandparent).
+
+    Raises:
+        FileNotFoundError: if none is found (the message lists where it looked).
+    """
+    candidates = [ckpt_file.parent / "config.yaml", ckpt_file.parent.parent / "config.yaml"]
+    candidates.append(ckpt_file.parent.parent.parent / "config.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        f"no config.yaml for {ckpt_file}: looked for {[str(c) for c in candidates]}. Training writes it into the "
+        "run folder (<run>/config.yaml next to <run>/checkpoints/); copy it there or pass config=PATH"
+    )
+
+
+def lightning_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The :class:`AeroModel` weights of a Lightning ``.ckpt`` file, named as in ``AeroModel.state_dict()``, and
+    the checkpoint's ``global_step`` (None when absent).
+
+    Raises:
+        ValueError: if the file has no ``state_dict`` or no weight under :data:`MODEL_PREFIX`.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" not in state:
+        raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+    weights = {
+        k[len(MODEL_PREFIX) :]: v for k, v in state["state_dict"].items() if k.startswith(MODEL_PREFIX)
+    }
+    if not weights:
+        raise ValueError(f"{path} holds no weights under the prefix {MODEL_PREFIX!r}")
+    return weights, state.get("global_step")
+
+
+def load_weights_from(model: nn.Module, ckpt: str | os.PathLike, include: Sequence[str]) -> list[str]:
+    """Copy the weights whose names match any regex in ``include`` from an earlier training run (``init_from``).
+
+    Args:
+        model: the model to update in place.
+        ckpt: a Lightning ``.ckpt`` of :class:`~aero_lightning.lit_module.AeroLitModule` or its run folder
+            (``checkpoints/last.ckpt``).
+        include: regexes over the model's parameter and buffer names (``"^encoder\\."``, ``"^ctc_head\\."``).
+
+    Returns:
+        The names copied, sorted.
+
+    Raises:
+        FileNotFoundError: if ``ckpt`` does not exist.
+        ValueError: if ``ckpt`` is not a training run's checkpoint, a pattern matches no weight of the checkpoint,
+            or a matching weight's shape differs.
+    """
+    path = resolve_checkpoint(ckpt)
+    if path.is_dir():
+        raise ValueError(f"init_from needs a Lightning checkpoint of a training run, got the folder {path}")
+    source, _ = lightning_model_weights(path)
+    own = model.state_dict()
+    patterns = [re.compile(p) for p in include]
+    picked = {k: v for k, v in source.items() if k in own and any(p.search(k) for p in patterns)}
+    for p in patterns:
+        if not any(p.search(k) for k in picked):
+            raise ValueError(f"init_from: {p.pattern!r} matches no weight of {path}")
+    wrong = [k for k, v in picked.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(
+            f"init_from: shapes differ for {wrong[:4]}: {path} was trained with another architecture"
+        )
+    model.load_state_dict(picked, strict=False)
+    logger.info("init_from %s: copied %d tensors matching %s", path, len(picked), list(include))
+    return sorted(picked)
+
+
+# ------------------------------------------------------------------------------------- save / load
+
+
+def save_pretrained(model: AeroModel, out_dir: str | os.PathLike) -> None:
+    """Write ``encoder/``, ``llm/`` (with the tokenizer), ``projector.safetensors`` and ``aero_config.json``.
+
+    The CTC head is a training aid and is not written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.encoder.encoder.save_pretrained(out / "encoder")
+    model.llm.save_pretrained(out / "llm")
+    model.tokenizer.save_pretrained(out / "llm")
+    save_file(
+        {k: v.contiguous() for k, v in model.projector.state_dict().items()},
+        str(out / "projector.safetensors"),
+    )
+    config = {
+        "projector": projector_spec(model.projector),
+        "padding_free": model.encoder.padding_free,
+        "end_of_turn_token": model.end_of_turn_token,
+    }
+    (out / "aero_config.json").write_text(json.dumps(config, indent=2))
+
+
+def from_pretrained(path: str | os.PathLike, attn_implementation: str = "sdpa") -> AeroModel:
+    """Load a folder written by :func:`save_pretrained`.
+
+    Raises:
+        FileNotFoundError: if ``aero_config.json`` is missing.
+    """
+    path = Path(path)
+    cfg_file = path / "aero_config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} not found: {path} is not a folder written by save_pretrained")
+    cfg = json.loads(cfg_file.read_text())
+    proj_cfg = dict(cfg["projector"])
+    proj_cls = PROJECTORS[proj_cfg.pop("type")]
+
+    def projector(encoder_dim: int, llm_dim: int) -> Projector:
+        return proj_cls(encoder_dim=encoder_dim, llm_dim=llm_dim, **proj_cfg)
+
+    model = build_aero_model(
+        encoder={
+            "name_or_path": str(path / "encoder"),
+            "padding_free": cfg["padding_free"],
+            "attn_implementation": attn_implementation,
+        },
+        llm={"name_or_path": str(path / "llm"), "attn_implementation": attn_implementation},
+        projector=projector,
+        end_of_turn_token=cfg.get("end_of_turn_token", "<|im_end|>"),
+    )
+    model.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+    return model
+
+
+def _model_from_config(config_file: Path, attn_implementation: str | None) -> AeroModel:
+    cfg = OmegaConf.load(config_file)
+    if "model" not in cfg:
+        raise ValueError(f"{config_file} has no 'model' section; it is not a training run's config.yaml")
+    model_cfg = cfg.model
+    # inference: no Liger kernels, no activation checkpointing; every weight comes from the checkpoint, so the
+    # run's init_from source need not exist any more
+    for key, value in (("liger", False), ("gradient_checkpointing", False), ("init_from", None)):
+        if key in model_cfg:
+            model_cfg[key] = value
+    if attn_implementation is not None:
+        model_cfg.attn_implementation = attn_implementation
+    return instantiate(model_cfg, _convert_="all")
+
+
+def load_model(
+    ckpt: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    config: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+) -> AeroModel:
+    """Load an :class:`AeroModel` for inference (eval mode, no gradients).
+
+    Args:
+        ckpt: a Lightning ``.ckpt``, a run folder, or a ``save_pretrained`` folder (:func:`resolve_checkpoint`).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; None = CUDA when available, else CPU.
+        dtype: ``"float32"``, ``"bfloat16"``, ...; None keeps the loaded dtype (float32 for the demo).
+        config: the run's ``config.yaml`` when it is not next to the checkpoint.
+        attn_implementation: override the config's attention backend (``varlen``, ``sdpa``, ...).
+
+    Returns:
+        The model on ``device``, in eval mode.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`resolve_checkpoint` and :func:`find_run_config`.
+        RuntimeError: if the checkpoint's weights do not fit the config's model (missing or unexpected keys).
+    """
+    path = resolve_checkpoint(ckpt)
+    if path.is_dir():
+        model = from_pretrained(path, attn_implementation=attn_implementation or "sdpa")
+        source = f"save_pretrained folder {path}"
+    else:
+        config_file = Path(config) if config is not None else find_run_config(path)
+        model = _model_from_config(config_file, attn_implementation)
+        weights, step = lightning_model_weights(path)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{path} does not fit the model of {config_file}: missing {list(missing)[:8]} "
+                f"(+{max(0, len(missing) - 8)}), unexpected {list(unexpected)[:8]} (+{max(0, len(unexpected) - 8)})"
+            )
+        source = f"checkpoint {path} (step {'?' if step is None else step}, config {config_file})"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device=torch.device(device))
+    if dtype is not None:
+        model = model.to(dtype=_dtype(dtype))
+    model.eval()
+    model.requires_grad_(False)
+    logger.info("loaded %s on %s", source, device)
+    return model
