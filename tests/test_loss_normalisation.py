@@ -1,4 +1,4 @@
-"""The loss is the sum of token losses over the global batch / its target tokens (design §4): the step's
+"""The loss is the sum of token losses over the global batch / its target tokens: the step's
 gradient does not depend on micro-batch size, accumulation or world size."""
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Training throughput and MFU: real tokens/s, audio seconds/s, model FLOP/s, padding ratio, data wait, memory.
 
 Only real tokens count (``attention_mask`` ones; every position of a packed row); padding is reported separately
-as ``padding_ratio`` = padded positions / all positions of the LLM input. Model FLOPs per micro-batch follow
-design §7 (:mod:`aero_lightning.model.flops`: trainable vs frozen parts, per-document attention, real tokens
-only); ``perf/mfu`` = achieved model FLOP/s per device / the device's dense peak (bf16/fp16 table, or
+as ``padding_ratio`` = padded positions / all positions of the LLM input. Model FLOPs per micro-batch come from
+:mod:`aero_lightning.model.flops` (trainable vs frozen parts, per-document attention, real tokens only); ``perf/mfu`` = achieved model FLOP/s per device / the device's dense peak (bf16/fp16 table, or
 ``peak_flops`` given explicitly), logged only when the peak is known (not on CPU). Training samples the stream
 skipped are logged as ``data/rejected/<reason>`` (cumulative, this rank).
 """

@@ -44,7 +44,7 @@ __all__ = [
 
 N_FFT = 400  # 25 ms analysis window
 num_frames = mel_frames
-"""Log-mel frames of a clip, ``ceil(num_samples / HOP_LENGTH)`` (:func:`aero_lightning.data.audio_tokens.mel_frames`):
+"""Log-mel frames of a clip (:func:`aero_lightning.data.audio_tokens.mel_frames`, 480 000 samples -> 3000):
 the HF extractor's frames centred inside the clip (it computes ``len // HOP_LENGTH + 1`` frames of a centred STFT
 and drops the last one)."""
 

@@ -1,4 +1,4 @@
-"""Padding-free packed attention for the encoder and the LLM (design §4).
+"""Padding-free packed attention for the encoder and the LLM.
 
 A packed row holds several documents back to back (``cu_seqlens``); attention must stay inside each document
 and must not build an ``L x L`` mask (at ``packing_length = 32768`` a boolean one is 1 GiB per layer call).
@@ -10,7 +10,7 @@ and must not build an ``L x L`` mask (at ``packing_length = 32768`` a boolean on
 - ``varlen`` (registered here): on CUDA in bf16/fp16, PyTorch's ``torch.nn.attention.varlen.varlen_attn``
   (FlashAttention kernels shipped with PyTorch, no extra package); elsewhere (CPU, fp32) one
   ``scaled_dot_product_attention`` call per document. The per-document loop is the CPU reference path: it was
-  measured fastest on CPU (58 ms fwd+bwd at L=4096 vs 332 ms with a dense block mask, design §4).
+  measured fastest on CPU (58 ms fwd+bwd at L=4096 vs 332 ms with a dense block mask; ``benchmarks/varlen_cpu.py``).
 - ``sdpa`` / ``eager``: transformers' own; a packed row then gets transformers' dense per-document mask, built from
   the restarting ``position_ids`` (fine for tests and short rows, not for 32768).
 

@@ -1,4 +1,4 @@
-"""Model FLOPs and MFU (model FLOPs utilisation) of an :class:`~aero_lightning.model.aero.AeroModel` (§7).
+"""Model FLOPs and MFU (model FLOPs utilisation) of an :class:`~aero_lightning.model.aero.AeroModel`.
 
 ``MFU = achieved model FLOP/s / peak FLOP/s``. *Model* FLOPs are what the model mathematically needs for
 the real tokens of a step, independent of how the implementation computes them: padding, activation
@@ -20,7 +20,7 @@ encoder, projector and LLM::
   matmuls. The **LM head is included** (``V * d`` weights, 2·V·d FLOPs per token forward) whether or not it
   is tied to the input embedding: tying shares the storage, not the computation.
 - A weight is trainable when its ``requires_grad`` is True (``AeroModel.apply_freeze``). Frozen weights
-  cost the forward only, ``2N``, as design §7 states. This is a lower bound: a frozen component *above* a
+  cost the forward only, ``2N`` (no backward pass runs through them). This is a lower bound: a frozen component *above* a
   trainable one (the LLM when only the projector trains, or frozen LoRA base weights) still
   back-propagates activation gradients, ``4N`` in reality, so MFU is conservative for such runs.
   Conversely ``6N`` for a trainable first layer (conv1, whose mel input needs no gradient) over-counts by
@@ -30,11 +30,11 @@ encoder, projector and LLM::
   (``C_out * C_in/groups * k`` multiply-adds) per *output position*; Whisper's conv1 (stride 1) has
   ``stride(conv2) = 2`` output positions per encoder frame and conv2 (stride 2) has one, so the stem adds
   ``(n_mels*d*3)*2 + (d*d*3)*1`` matmul-weight equivalents per encoder frame
-  (:attr:`ComponentParams.stem_trainable` / ``stem_frozen``). conv1 really runs on ``ceil(samples/160)``
+  (:attr:`ComponentParams.stem_trainable` / ``stem_frozen``). conv1 really runs on ``mel_frames(samples)``
   mel frames, which is ``2 * frames`` or one less, so the stem is over-counted by at most one conv1 output
   position per window (none for a full 30 s window). The optional CTC head (a Linear on encoder frames)
   is counted with the encoder.
-- **Projector**: ``tokens`` = projector **output** tokens, ``sum over windows of ceil(frames / k)``, which
+- **Projector**: ``tokens`` = projector **output** tokens, ``sum over windows of projected_tokens(frames, k)`` (:mod:`aero_lightning.data.audio_tokens`), which
   equal the ``<|AUDIO|>`` slots the LLM receives. Both projectors apply all their Linears after the frames
   are grouped (``mlp_stack``: fc1 sees ``k`` stacked frames, ``k*D_enc`` wide, once per output token;
   ``avgpool_linear``: the Linear sees one pooled frame per output token), so output tokens, not input
@@ -373,7 +373,7 @@ def batch_lengths(
     """Real encoder-window frames and LLM document lengths of a collated batch.
 
     Packed batches give them directly (``encoder_cu_seqlens``, ``cu_seqlens``); padded batches through
-    ``window_lengths`` (``ceil(ceil(samples / hop) / encoder_downsample)`` frames) and ``attention_mask`` row
+    ``window_lengths`` (:meth:`~aero_lightning.data.audio_tokens.AudioTokenCounter.encoder_frames`) and ``attention_mask`` row
     sums. A batch with neither ``cu_seqlens`` nor ``attention_mask`` counts every ``input_ids`` row in full.
     Tensors on a GPU are copied to the host (a synchronisation).
 

@@ -1,4 +1,4 @@
-"""Liger kernels on the LLM and a loss that never materialises ``(L, vocab)`` logits (design §4).
+"""Liger kernels on the LLM and a loss that never materialises ``(L, vocab)`` logits.
 
 Liger (Hsu et al. 2024, "Liger Kernel: Efficient Triton Kernels for LLM Training", arXiv:2410.10989,
 https://github.com/linkedin/Liger-Kernel) fuses RMSNorm, RoPE and SwiGLU, and computes the LM head and the

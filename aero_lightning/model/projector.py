@@ -22,8 +22,8 @@ def _group_frames(hidden: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[
         k: group size.
 
     Returns:
-        ``(W, ceil(S / k), k, D)`` grouped frames (zeros beyond each row's length) and ``(W, ceil(S / k), k)``
-        validity mask.
+        ``(W, G, k, D)`` grouped frames (zeros beyond each row's length) and ``(W, G, k)``
+        validity mask, ``G = projected_tokens(S, k)``.
     """
     num_windows, seq_len, dim = hidden.shape
     valid = torch.arange(seq_len, device=hidden.device)[None, :] < lengths[:, None]  # (W, S)
@@ -50,7 +50,7 @@ class Projector(nn.Module):
 class MLPStackProjector(Projector):
     """Stack ``k`` consecutive frames, then Linear-GELU-Linear (tiny-audio: k=5, hidden 2048).
 
-    A final partial group is zero-padded, so ``S`` frames give ``ceil(S / k)`` tokens.
+    A final partial group is zero-padded, so ``S`` frames give ``projected_tokens(S, k)`` tokens.
 
     Args:
         encoder_dim: encoder width ``D_enc``.
@@ -76,7 +76,7 @@ class MLPStackProjector(Projector):
         self.norm = nn.RMSNorm(llm_dim, eps=1e-6) if output_norm else None
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: ``hidden (W, S, D_enc)``, ``lengths (W,)``. Returns ``(W, ceil(S/k), D_llm)`` and lengths."""
+        """Args: ``hidden (W, S, D_enc)``, ``lengths (W,)``. Returns ``(W, G, D_llm)`` and lengths."""
         grouped, _ = _group_frames(hidden, lengths, self.downsample)  # (W, S/k, k, D)
         stacked = grouped.flatten(2)  # (W, S/k, k*D)
         out = self.fc2(self.act(self.fc1(stacked)))
@@ -87,7 +87,7 @@ class AvgPoolProjector(Projector):
     """Aero-1-Audio / Qwen2-Audio projector: average-pool pairs of frames, then one Linear.
 
     50 Hz Whisper frames become 25 tokens per second of audio, 750 per 30 s window. A final odd frame is averaged
-    alone (only valid frames are counted), so ``S`` frames give ``ceil(S / 2)`` tokens.
+    alone (only valid frames are counted), so ``S`` frames give ``projected_tokens(S, pool)`` tokens.
 
     Args:
         encoder_dim: encoder width ``D_enc`` (1280 for Whisper-large-v3).
@@ -101,7 +101,7 @@ class AvgPoolProjector(Projector):
         self.linear = nn.Linear(encoder_dim, llm_dim)
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: ``hidden (W, S, D_enc)``, ``lengths (W,)``. Returns ``(W, ceil(S/pool), D_llm)`` and lengths."""
+        """Args: ``hidden (W, S, D_enc)``, ``lengths (W,)``. Returns ``(W, G, D_llm)`` and lengths."""
         grouped, valid = _group_frames(hidden, lengths, self.downsample)  # (W, S/p, p, D), (W, S/p, p)
         counts = valid.sum(-1, keepdim=True).clamp_min(1).to(hidden.dtype)  # (W, S/p, 1)
         pooled = grouped.sum(2) / counts  # (W, S/p, D)

@@ -1,4 +1,4 @@
-"""Packed attention: a packed row equals its documents run alone, in the encoder and the LLM (design §4)."""
+"""Packed attention: a packed row equals its documents run alone, in the encoder and the LLM."""
 
 from __future__ import annotations
 

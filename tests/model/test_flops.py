@@ -1,4 +1,4 @@
-"""Model-FLOPs / MFU accounting (design §7): hand-worked counts on the tiny model, freezing, padding, Σsᵢ²."""
+"""Model-FLOPs / MFU accounting: hand-worked counts on the tiny model, freezing, padding, Σsᵢ²."""
 
 from __future__ import annotations
 
