@@ -1,10 +1,11 @@
 """Long-form LibriSpeech: the utterances of each chapter re-joined in reading order.
 
 LibriSpeech (Panayotov et al. 2015) cut each audiobook chapter into utterances of at most ~35 s. Joining a chapter's
-utterances back in utterance order gives minutes-long recordings with exact transcripts; Aero-1-Audio reports WER
-on the test sets re-joined this way (design §6). The official layout is
+utterances back in utterance order gives minutes-long recordings with exact transcripts, so long-form WER is
+measured on the same speech and references as the short-form test sets (Aero-1-Audio reports long-form WER on the
+LibriSpeech test sets re-joined this way). The official layout is
 ``<root>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt`` (lines ``<speaker>-<chapter>-<utt> TRANSCRIPT``) next
-to ``<speaker>-<chapter>-<utt>.flac``; :func:`aero_lightning.data.prepare.read_librispeech_folder` reads it.
+to ``<speaker>-<chapter>-<utt>.flac``; :func:`aero_lightning.data.readers.read_librispeech_folder` reads it.
 
 The audio of a chapter is the utterances' audio concatenated (no gap by default: the corpus's segmentation removed
 the pauses between them), and the reference is their transcripts joined by single spaces. A chapter with an
@@ -25,7 +26,7 @@ import numpy as np
 
 from aero_lightning.data.audio_io import load_audio
 from aero_lightning.data.features import SAMPLE_RATE_HZ
-from aero_lightning.data.prepare import read_librispeech_folder
+from aero_lightning.data.readers import read_librispeech_folder
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ Sources (``source`` in a benchmark's config; None = the registry's HF dataset):
 - an HF hub id: ``datasets.load_dataset(id, config, split=...)`` (``streaming=True`` reads without a full
   download; not for long-form, which groups rows by chapter first);
 - a folder written by ``datasets.save_to_disk`` (``dataset_info.json`` / ``state.json`` / ``dataset_dict.json``);
-- a folder of prepared WebDataset shards with ``manifest.json`` (:mod:`aero_lightning.data.prepare`,
-  :mod:`aero_lightning.data.synth`), read with the training stream's shard reader
+- a folder of prepared WebDataset shards with ``manifest.json`` (the format of :mod:`aero_lightning.data.shards`,
+  written by corpus preparation and the demo corpus builder), read with the training stream's shard reader
   (:func:`aero_lightning.data.shard_reader.iter_samples`: the same audio members, checks and reject reasons, and a
   truncated shard is counted); the reference is the sample's assistant text;
 - a LibriSpeech-layout folder (``*.trans.txt`` + ``*.flac``): utterances, or chapters for long-form benchmarks;
@@ -37,6 +37,7 @@ import numpy as np
 from aero_lightning.data.audio_io import AudioReadError, load_audio, to_mono_16k
 from aero_lightning.data.chat import reference_text
 from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.data.readers import read_librispeech_folder
 from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.eval.benchmarks import BenchmarkSpec
 from aero_lightning.eval.longform import (
@@ -213,8 +214,6 @@ def _iter_jsonl(path: Path, spec: BenchmarkSpec, rejects: RejectCounter) -> Iter
 
 
 def _iter_librispeech(root: Path, spec: BenchmarkSpec, rejects: RejectCounter) -> Iterator[EvalItem]:
-    from aero_lightning.data.prepare import read_librispeech_folder
-
     if spec.longform == "librispeech_chapter":
         chapters, skipped = librispeech_chapters(root)
         for r in skipped:  # librispeech_chapters logged them

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from aero_lightning.data import prepare
+from aero_lightning.data import prepare, readers
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT, asr_messages
 from aero_lightning.data.corpora import (
     CORPORA,
@@ -494,7 +494,7 @@ def test_registry_entries_are_valid():
             assert spec.prompts == (DEFAULT_ASR_PROMPT,) and spec.domain == "speech"
     ls = get_corpus("librispeech")
     assert (ls.hours, ls.folder_layout, ls.hf_id) == (960.0, "librispeech", "openslr/librispeech_asr")
-    assert ls.folder_layout in prepare.FOLDER_READERS
+    assert ls.folder_layout in readers.FOLDER_READERS
 
 
 def test_get_corpus_unknown_lists_names():
@@ -826,11 +826,11 @@ def test_table_layout_errors_and_registry_coverage(tmp_path):
     for spec in CORPORA.values():
         if spec.folder_layout is None:
             continue
-        readable = spec.folder_table is not None or spec.folder_layout in prepare.FOLDER_READERS
-        assert readable != (spec.folder_layout in prepare.UNSUPPORTED_LAYOUTS), spec.name
+        readable = spec.folder_table is not None or spec.folder_layout in readers.FOLDER_READERS
+        assert readable != (spec.folder_layout in readers.UNSUPPORTED_LAYOUTS), spec.name
         if spec.folder_table is not None:
             assert "train" in spec.folder_table.metadata, spec.name
             for split in spec.folder_table.metadata:
-                prepare.describe_table(spec.folder_table, split)
-    assert sorted(prepare.UNSUPPORTED_LAYOUTS) == ["instructs2s", "tedlium"]
+                readers.describe_table(spec.folder_table, split)
+    assert sorted(readers.UNSUPPORTED_LAYOUTS) == ["instructs2s", "tedlium"]
     assert "missing_audio" in REJECT_REASONS and "unlabelled" in REJECT_REASONS
