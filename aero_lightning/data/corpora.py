@@ -1,7 +1,7 @@
-"""Registry of public corpora for audio-LLM training (design §5).
+"""Registry of public corpora for audio-LLM training.
 
 One frozen :class:`CorpusSpec` per corpus says what the corpus teaches (``task``), where its audio comes from
-(an HF ``datasets`` repository, or an official folder layout read by :mod:`aero_lightning.data.prepare`), how
+(an HF ``datasets`` repository, or an official folder layout read by :mod:`aero_lightning.data.readers`), how
 its columns map onto our sample fields, its licence, its size in hours and the default instructions.
 
 Tasks (the ``task`` field of every shard sample's JSON):

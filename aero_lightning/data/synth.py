@@ -1,4 +1,4 @@
-"""Offline demo ASR corpus: espeak-ng speech of real English sentences (design §5).
+"""Offline demo ASR corpus: espeak-ng speech of real English sentences.
 
 Text: the example sentences of Princeton WordNet 3.0 (the double-quoted examples in the synset glosses of
 ``/usr/share/wordnet/data.{noun,verb,adj,adv}``, Debian/Ubuntu package ``wordnet-base``; WordNet 3.0

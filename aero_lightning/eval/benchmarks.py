@@ -1,4 +1,4 @@
-"""Registry of evaluation benchmarks (design §6).
+"""Registry of evaluation benchmarks.
 
 ASR test sets are those of the Open ASR Leaderboard, from its sorted test-only copy of the ESB datasets
 (``hf-audio/esb-datasets-test-only-sorted``: one config per dataset, split ``test``, LibriSpeech ``test.clean`` /
