@@ -17,6 +17,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 import aero_lightning
+from aero_lightning.data.audio_tokens import AudioTokenCounter
 from aero_lightning.data.datamodule import AeroDataModule, make_dataset
 from aero_lightning.data.rejects import REJECT_REASONS, RejectCounter, check_reason
 from aero_lightning.data.shard_reader import (
@@ -31,7 +32,6 @@ from aero_lightning.data.shards import asr_sample_json, build_manifest, write_ma
 from aero_lightning.data.stream import identity
 from aero_lightning.eval.benchmarks import get_benchmark
 from aero_lightning.eval.sources import iter_items
-from aero_lightning.model.aero import AudioTokenCounter
 
 SR = 16000
 COUNTER = AudioTokenCounter(encoder_downsample=2, projector_downsample=4)
