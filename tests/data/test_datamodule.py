@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from aero_lightning.data.audio_tokens import AudioTokenCounter
 from aero_lightning.data.chat import IGNORE_INDEX
 from aero_lightning.data.datamodule import AsrCollator, resolve_split
 from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.data.shard_reader import read_sample
 from aero_lightning.data.shards import asr_sample_json, build_manifest, encode_flac, write_manifest
-from aero_lightning.data.audio_tokens import AudioTokenCounter
 
 COUNTER = AudioTokenCounter(encoder_downsample=2, projector_downsample=4)
 

@@ -15,13 +15,13 @@ import pytest
 import soundfile as sf
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from aero_lightning.data.audio_tokens import AudioTokenCounter
 from aero_lightning.data.datamodule import AeroDataModule
 from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.data.shard_reader import iter_tar
 from aero_lightning.data.shards import asr_sample_json, build_manifest, write_manifest
 from aero_lightning.data.stream import MixtureStream, TrainStream, mixture_probs
 from aero_lightning.lit_module import AeroLitModule
-from aero_lightning.data.audio_tokens import AudioTokenCounter
 
 COUNTER = AudioTokenCounter(encoder_downsample=2, projector_downsample=4)
 SR = 16000
