@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.tiny import build_tiny
 from transformers import AutoTokenizer
 
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT, asr_messages, encode_chat
@@ -16,11 +17,8 @@ from aero_lightning.data.datamodule import AsrCollator
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.build import build_aero_model
 from aero_lightning.model.projector import MLPStackProjector
-from aero_lightning.model.tiny import build_tiny_components
 
 SAMPLE_RATE_HZ = 16000
-TINY_ENCODER = {"d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
-TINY_LLM = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
 TINY_TEXTS = [
     DEFAULT_ASR_PROMPT,
     "Transcribe the audio.",
@@ -37,9 +35,7 @@ TRANSCRIPTS = ["hello world", "the cat sat on the mat", "a quick brown fox", "se
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """Folder with ``encoder/`` (Whisper encoder) and ``llm/`` (Qwen2 LM + tokenizer), random init."""
-    return build_tiny_components(
-        tmp_path_factory.mktemp("tiny"), TINY_TEXTS, vocab_size=300, encoder=TINY_ENCODER, llm=TINY_LLM
-    )
+    return build_tiny(tmp_path_factory.mktemp("tiny"), TINY_TEXTS)
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +65,7 @@ def model(make_model) -> AeroModel:
 
 
 def _make_samples(durations_s: Sequence[float], seed: int = 0) -> list[dict]:
-    """Synthetic decoded samples (the dicts ``SampleDecoder`` yields): noise waveforms at 16 kHz."""
+    """Synthetic decoded samples (the dicts the shard reader yields): noise waveforms at 16 kHz."""
     rng = np.random.default_rng(seed)
     samples = []
     for i, duration_s in enumerate(durations_s):

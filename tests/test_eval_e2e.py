@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from aero_runs import TINY_ENCODER, TINY_LLM, speak, write_lightning_run
+from helpers.aero_runs import speak, write_lightning_run
+from helpers.tiny import build_tiny
 
 from aero_lightning.data.synth import build_demo_corpus
-from aero_lightning.model.tiny import build_tiny_components, corpus_texts
+from aero_lightning.model.tiny import corpus_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TEST = 6
@@ -25,9 +26,7 @@ def eval_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_e2e")
     corpus = root / "corpus"
     build_demo_corpus(corpus, num_train=8, num_val=2, num_test=NUM_TEST, seed=0, shard_size=4, progress=False)
-    model_dir = build_tiny_components(
-        root / "model", corpus_texts(corpus), vocab_size=300, encoder=TINY_ENCODER, llm=TINY_LLM
-    )
+    model_dir = build_tiny(root / "model", corpus_texts(corpus))
     ckpt = write_lightning_run(root / "run", model_dir)
     # a local multiple-choice manifest: two good items, one with missing audio, one whose answer is no option
     mc = root / "mc"

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ddp_grads import run  # noqa: E402
+from helpers.ddp_grads import run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +46,7 @@ def test_gradients_invariant_to_world_size(tiny_dir, reference, tmp_path, micro,
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "tests" / "ddp_grads.py"),
+            str(ROOT / "tests" / "helpers" / "ddp_grads.py"),
             str(tiny_dir),
             str(out),
             "2",

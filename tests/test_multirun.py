@@ -13,20 +13,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.ssl_tiny import build_tiny_ssl  # noqa: E402
+from helpers.tiny import build_tiny
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from aero_lightning.data.synth import build_demo_corpus
-from aero_lightning.model.tiny import build_tiny_components, corpus_texts
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ssl_tiny import build_tiny_ssl  # noqa: E402
+from aero_lightning.model.tiny import corpus_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-TINY_ENCODER = {"d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
-TINY_LLM = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def demo_env(tmp_path_factory):
     corpus = root / "corpus"
     build_demo_corpus(corpus, num_train=24, num_val=4, num_test=4, seed=0, shard_size=8, progress=False)
     model = root / "model"
-    build_tiny_components(model, corpus_texts(corpus), vocab_size=300, encoder=TINY_ENCODER, llm=TINY_LLM)
+    build_tiny(model, corpus_texts(corpus))
     return root, corpus, model
 
 

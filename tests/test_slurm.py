@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny import build_tiny
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from aero_lightning.data.synth import build_demo_corpus
-from aero_lightning.model.tiny import build_tiny_components, corpus_texts
+from aero_lightning.model.tiny import corpus_texts
 from aero_lightning.strategies import slurm_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "slurm" / "aero.sbatch"
-TINY_ENCODER = {"d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
-TINY_LLM = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
 SLURM_VARS = {
     "SLURM_NTASKS": "1",
     "SLURM_NTASKS_PER_NODE": "1",
@@ -178,7 +177,7 @@ def demo_env(tmp_path_factory):
     corpus = root / "corpus"
     build_demo_corpus(corpus, num_train=24, num_val=4, num_test=4, seed=0, shard_size=8, progress=False)
     model = root / "model"
-    build_tiny_components(model, corpus_texts(corpus), vocab_size=300, encoder=TINY_ENCODER, llm=TINY_LLM)
+    build_tiny(model, corpus_texts(corpus))
     return root, corpus, model
 
 
@@ -196,7 +195,7 @@ def _train(run_dir: Path, keys: Path, env: dict, corpus: Path, model: Path, sign
         "trainer.val_check_interval=100",
         "trainer.limit_val_batches=0",
         "run_test=false",
-        "+callbacks.recorder._target_=batch_recorder.BatchRecorder",
+        "+callbacks.recorder._target_=helpers.batch_recorder.BatchRecorder",
         f"+callbacks.recorder.path={keys}",
         f"+callbacks.recorder.signal_at_step={'null' if signal_at_step is None else signal_at_step}",
     ]

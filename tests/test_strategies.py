@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.ddp_grads import documents
+from helpers.tiny import build_tiny  # noqa: E402
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.fabric.strategies.deepspeed import _format_precision_config
@@ -27,9 +29,6 @@ from aero_lightning.strategies import (
     transformer_blocks,
 )
 from aero_lightning.tasks.train import build_strategy
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ddp_grads import documents  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -63,7 +62,7 @@ def _train(tiny_dir: Path, out: Path, strategy: str, world: int, micro: int, acc
         precision,
     ]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "dist_train.py"), *args],
+        [sys.executable, str(ROOT / "tests" / "helpers" / "dist_train.py"), *args],
         cwd=ROOT,
         env=env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -257,14 +256,12 @@ def test_transformer_blocks_are_every_encoder_and_llm_layer(model):
 @pytest.fixture(scope="module")
 def demo_env(tmp_path_factory):
     from aero_lightning.data.synth import build_demo_corpus
-    from aero_lightning.model.tiny import build_tiny_components, corpus_texts
+    from aero_lightning.model.tiny import corpus_texts
 
     root = tmp_path_factory.mktemp("fsdp2_e2e")
     corpus = root / "corpus"
     build_demo_corpus(corpus, num_train=24, num_val=4, num_test=4, seed=0, shard_size=8, progress=False)
-    tiny = {"d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
-    llm = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
-    build_tiny_components(root / "model", corpus_texts(corpus), vocab_size=300, encoder=tiny, llm=llm)
+    build_tiny(root / "model", corpus_texts(corpus))
     return corpus, root / "model"
 
 

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny import build_tiny
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from aero_lightning.data.synth import build_demo_corpus
 from aero_lightning.model.encoders import WhisperAudioEncoder
-from aero_lightning.model.tiny import build_tiny_components, corpus_texts
+from aero_lightning.model.tiny import corpus_texts
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ENCODER = {"d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
-TINY_LLM = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def demo_env(tmp_path_factory):
     corpus = root / "corpus"
     build_demo_corpus(corpus, num_train=24, num_val=4, num_test=4, seed=0, shard_size=8, progress=False)
     model = root / "model"
-    build_tiny_components(model, corpus_texts(corpus), vocab_size=300, encoder=TINY_ENCODER, llm=TINY_LLM)
+    build_tiny(model, corpus_texts(corpus))
     return root, corpus, model
 
 

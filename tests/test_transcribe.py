@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from aero_runs import SENTENCES, speak, write_lightning_run
+from helpers.aero_runs import SENTENCES, speak, write_lightning_run
 
 from aero_lightning.data.audio_io import AudioReadError, find_audio_files, load_audio
 from aero_lightning.eval.decode import GenerationOptions, plan_decode_batches

@@ -1,8 +1,9 @@
 """transformers configuration of an exported Aero audio LLM (copied into the export folder as remote code).
 
 The config nests the Whisper encoder's config (``encoder_config``) and the causal LM's config (``text_config``, e.g.
-Qwen2) and adds the projector, the prompt and the generation budget used by the ASR pipeline. This file imports
-only transformers, so the export folder loads with ``trust_remote_code=True`` without aero_lightning installed.
+Qwen2) and adds the projector, the prompt and the generation budget used by the ASR pipeline. The exporter copies
+the chat module beside it, so the export folder loads with ``trust_remote_code=True`` without aero_lightning
+installed.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-DEFAULT_ASR_PROMPT = "Please recognize the speech and only output the recognized content:"
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 
 
 class AeroConfig(PreTrainedConfig):

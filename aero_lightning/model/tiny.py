@@ -144,21 +144,25 @@ def build_tiny_components(
 
 
 def corpus_texts(corpus_dir: str | Path, split: str = "train") -> list[str]:
-    """Transcripts and prompts of a corpus split's shards (for tokenizer training)."""
-    import webdataset as wds
+    """Transcripts and prompts of a corpus split's shards (for tokenizer training).
 
-    from aero_lightning.data.shards import read_manifest
+    Raises:
+        FileNotFoundError, ValueError: for a missing or empty split (:func:`~aero_lightning.data.shard_reader.resolve_split`).
+    """
+    from aero_lightning.data.rejects import RejectCounter
+    from aero_lightning.data.shard_reader import iter_tar, resolve_split
 
-    folder = Path(corpus_dir) / split
-    manifest = read_manifest(folder)
-    urls = [str(folder / s["name"]) for s in manifest["shards"]]
+    rejects = RejectCounter()
     texts = ["user", "assistant", "system"]  # role names the chat template writes
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        meta = json.loads(sample["json"])
-        for message in meta["messages"]:
-            content = message["content"]
-            parts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
-            texts.extend(p for p in parts if p)
+    for url in resolve_split(Path(corpus_dir) / split):
+        for sample in iter_tar(url, rejects):
+            if "json" not in sample:
+                continue
+            meta = json.loads(sample["json"])
+            for message in meta["messages"]:
+                content = message["content"]
+                parts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
+                texts.extend(p for p in parts if p)
     return texts
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from aero_lightning.data.audio_tokens import AudioTokenCounter
 from aero_lightning.data.chat import IGNORE_INDEX
 from aero_lightning.data.packing import (
     collate_packed,
@@ -15,7 +16,6 @@ from aero_lightning.data.packing import (
     plan_padded,
     plan_stats,
 )
-from aero_lightning.data.audio_tokens import AudioTokenCounter
 
 COUNTER = AudioTokenCounter(encoder_downsample=2, projector_downsample=4)
 

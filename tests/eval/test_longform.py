@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from aero_runs import speak  # tests/ helper (on sys.path through conftest.py)
+from helpers.aero_runs import speak
 
 from aero_lightning.data.audio_io import load_audio
 from aero_lightning.eval.benchmarks import get_benchmark

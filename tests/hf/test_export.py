@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-from aero_runs import SENTENCES, speak, write_lightning_run
+from helpers.aero_runs import SENTENCES, speak, write_lightning_run
 
 from aero_lightning.eval.decode import GenerationOptions
 from aero_lightning.hf.export import export, remote_code_files

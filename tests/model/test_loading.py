@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from aero_runs import write_lightning_run
+from helpers.aero_runs import write_lightning_run
 
 from aero_lightning.model.build import load_model, resolve_checkpoint, save_pretrained
 

@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from ssl_tiny import build_tiny_ssl
+from helpers.ssl_tiny import build_tiny_ssl
 
 from aero_lightning.data.audio_tokens import AudioTokenCounter, samples_encoder_frames
 from aero_lightning.data.packing import collate_packed

@@ -1,4 +1,5 @@
-"""Test-only Lightning callback, added with ``+callbacks.recorder=...`` (``tests/`` on ``PYTHONPATH``).
+"""Test-only Lightning callback, added with ``+callbacks.recorder._target_=helpers.batch_recorder.BatchRecorder`` (``tests/`` on
+``PYTHONPATH``).
 
 It appends ``{"step": global_step, "keys": [...]}`` of every training batch to a JSONL file, and can send a signal
 to its own process group after a given optimizer step, the way SLURM signals every process of a job step.

@@ -12,9 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_ENCODER = {"d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
-TINY_LLM = {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
+ROOT = Path(__file__).resolve().parents[2]
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
     "she sells sea shells by the sea shore",

@@ -1,6 +1,6 @@
 """Script for tests/test_strategies.py: a few optimizer steps of the tiny model under a distributed strategy on CPU.
 
-``python tests/dist_train.py TINY_DIR OUT.pt STRATEGY WORLD MICRO ACCUM STEPS LR [PRECISION]``: the 4 documents of
+``python tests/helpers/dist_train.py TINY_DIR OUT.pt STRATEGY WORLD MICRO ACCUM STEPS LR [PRECISION]``: the 4 documents of
 :func:`ddp_grads.documents` are split over ``WORLD`` processes (gloo), each rank training ``MICRO`` documents per
 micro-batch with ``ACCUM`` accumulation steps; the same global batch is trained ``STEPS`` times with AdamW at ``LR``.
 ``STRATEGY`` is ``auto`` (one process), ``ddp``, ``fsdp2`` (:class:`~aero_lightning.strategies.FSDP2Strategy`),
@@ -25,12 +25,12 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ddp_grads import build_model, documents  # noqa: E402
-
 from aero_lightning.data.datamodule import AccumulationGroups, AsrCollator  # noqa: E402
 from aero_lightning.data.packing import collate_packed  # noqa: E402
 from aero_lightning.strategies import AeroDeepSpeedStrategy, FSDP2AeroLitModule, FSDP2Strategy  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: run as a script, one process per rank
+from helpers.ddp_grads import build_model, documents  # noqa: E402
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

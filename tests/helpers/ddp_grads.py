@@ -1,6 +1,6 @@
 """Script for tests/test_loss_normalisation.py: one optimizer step of the tiny model under Lightning, gradients saved.
 
-``python tests/ddp_grads.py TINY_DIR OUT.pt WORLD MICRO ACCUM``: the 4 documents of
+``python tests/helpers/ddp_grads.py TINY_DIR OUT.pt WORLD MICRO ACCUM``: the 4 documents of
 :func:`documents` are split over ``WORLD`` DDP processes (gloo, CPU), each rank training ``MICRO`` documents per
 micro-batch with ``ACCUM`` accumulation steps. Rank 0 writes the gradients seen before the optimizer step.
 Lightning's DDP launcher re-executes this file once per extra rank (``LOCAL_RANK`` set).
