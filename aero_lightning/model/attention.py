@@ -8,7 +8,8 @@ and must not build an ``L x L`` mask (at ``packing_length = 32768`` a boolean on
 - ``flash_attention_2``: transformers' flash-attn integration, varlen kernels driven by ``cu_seq_lens_q/k``
   (needs the ``gpu`` extra).
 - ``varlen`` (registered here): on CUDA in bf16/fp16, PyTorch's ``torch.nn.attention.varlen.varlen_attn``
-  (FlashAttention kernels shipped with PyTorch, no extra package); elsewhere (CPU, fp32) one
+  (FlashAttention kernels shipped with PyTorch, no extra package; under autocast q, k and v are cast to the
+  autocast dtype first); elsewhere (CPU, fp32) one
   ``scaled_dot_product_attention`` call per document. The per-document loop is the CPU reference path: it was
   measured fastest on CPU (58 ms fwd+bwd at L=4096 vs 332 ms with a dense block mask; ``benchmarks/varlen_cpu.py``).
 - ``sdpa`` / ``eager``: transformers' own; a packed row then gets transformers' dense per-document mask, built from
@@ -56,6 +57,16 @@ def packed_attention_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int | None = N
     if max_seqlen is None:
         max_seqlen = int((cu[1:] - cu[:-1]).max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_seqlen, "max_length_k": max_seqlen}
+
+
+def _varlen_kernel_applies(query: torch.Tensor, dropout: float) -> bool:
+    """Whether PyTorch's fused varlen kernel can take this call: CUDA, bf16/fp16, no dropout."""
+    return (
+        varlen_attn is not None
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+    )
 
 
 def varlen_attention_forward(
@@ -108,12 +119,13 @@ def varlen_attention_forward(
         )
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     heads, kv_heads = query.shape[1], key.shape[1]
-    if (
-        varlen_attn is not None
-        and query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and dropout == 0.0
-    ):
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast the projections are low precision but Qwen2's rotary embedding returns fp32 q and k, so
+        # without this cast every layer would leave the fused kernel for the per-document loop
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if _varlen_kernel_applies(query, dropout):
         max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
         out = varlen_attn(
             query[0].transpose(0, 1),  # (L, H, d)

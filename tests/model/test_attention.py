@@ -161,3 +161,45 @@ def test_gpu_packed_backend_matches_per_document_reference(make_model, make_enco
     fast.encoder.encoder.config._attn_implementation = "sdpa"
     ref = fast(**kw)
     torch.testing.assert_close(out.logits.float(), ref.logits.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_autocast_keeps_the_packed_llm_on_the_fused_kernel(make_model, make_encoded, monkeypatch):
+    """Under autocast Qwen2's rotary output is fp32 while v is bf16: q, k, v must be cast to the autocast dtype, or
+    every layer silently leaves the one fused varlen call for the per-document loop (plus a host sync).
+
+    The fused kernel is CUDA-only, so it is stood in for by a recording reference on the CPU."""
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+        calls.append((q.dtype, k.dtype, v.dtype, tuple(cu_q.tolist())))
+        lengths = torch.diff(cu_q).tolist()
+        outs = [
+            torch.nn.functional.scaled_dot_product_attention(
+                qd.transpose(0, 1),
+                kd.transpose(0, 1),
+                vd.transpose(0, 1),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            ).transpose(0, 1)
+            for qd, kd, vd in zip(q.split(lengths), k.split(lengths), v.split(lengths))
+        ]
+        return torch.cat(outs)  # (L, H, d)
+
+    monkeypatch.setattr(attention, "varlen_attn", fake_varlen)
+    monkeypatch.setattr(attention, "_varlen_kernel_applies", lambda q, dropout: q.dtype == torch.bfloat16)
+    model = make_model(attn_implementation="varlen").eval()
+    batch = collate_packed(_encoded(model, make_encoded), model.audio_token_counter())
+    features, lengths = model.compute_features(batch["audio_windows"], batch["window_lengths"])
+    encoded = model.encode_audio(features, lengths)
+    inputs_embeds = model.build_inputs_embeds(batch["input_ids"], encoded)
+    cu = tuple(batch["cu_seqlens"].tolist())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.llm(
+            inputs_embeds=inputs_embeds,
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            **attention.packed_attention_kwargs(batch["cu_seqlens"]),
+        )
+    # one fused call per decoder layer over the whole row, all in bf16
+    assert calls == [(torch.bfloat16,) * 3 + (cu,)] * model.llm.config.num_hidden_layers
