@@ -44,8 +44,20 @@ def _compose(*overrides: str):
         return compose("train", overrides=list(overrides))
 
 
-def _train(tiny_dir: Path, out: Path, strategy: str, world: int, micro: int, accum: int, precision="32-true"):
-    """tests/dist_train.py in a subprocess (Lightning launches the extra ranks); rank 0's capture."""
+def _train(
+    tiny_dir: Path,
+    out: Path,
+    strategy: str,
+    world: int,
+    micro: int,
+    accum: int,
+    precision="32-true",
+    extensions_dir: Path | None = None,
+):
+    """tests/helpers/dist_train.py in a subprocess (Lightning launches the extra ranks); rank 0's capture.
+
+    ``extensions_dir``: ``TORCH_EXTENSIONS_DIR`` of the run, where a DeepSpeed JIT op build would land.
+    """
     env = {
         k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")
     }
@@ -64,7 +76,9 @@ def _train(tiny_dir: Path, out: Path, strategy: str, world: int, micro: int, acc
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "helpers" / "dist_train.py"), *args],
         cwd=ROOT,
-        env=env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        env=env
+        | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        | ({"TORCH_EXTENSIONS_DIR": str(extensions_dir)} if extensions_dir is not None else {}),
         capture_output=True,
         text=True,
         timeout=300,
@@ -126,8 +140,17 @@ def test_fsdp2_two_processes_train_like_one(tiny_dir, reference, tmp_path):
 
 @needs_deepspeed
 def test_deepspeed_zero2_two_processes_with_accumulation_equal_one_process(tiny_dir, reference, tmp_path):
-    """AeroDeepSpeedStrategy, ZeRO-2 over 2 gloo processes x 2 accumulation steps: the reference gradients."""
-    zero2 = _train(tiny_dir, tmp_path / "zero2.pt", "deepspeed", world=2, micro=1, accum=2)
+    """AeroDeepSpeedStrategy, ZeRO-2 over 2 gloo processes x 2 accumulation steps: the reference gradients.
+
+    No DeepSpeed C++ op is JIT-built on the way (the harness disables the shared-memory allreduce kernel, a build
+    of minutes on a small CPU): the run's TORCH_EXTENSIONS_DIR stays empty.
+    """
+    extensions = tmp_path / "torch_extensions"
+    extensions.mkdir()
+    zero2 = _train(
+        tiny_dir, tmp_path / "zero2.pt", "deepspeed", world=2, micro=1, accum=2, extensions_dir=extensions
+    )
+    assert sorted(p.name for p in extensions.rglob("*")) == []
     _close_grads(zero2["grads"], reference["grads"])
     assert zero2["losses"] == pytest.approx(reference["losses"], rel=1e-5)
 

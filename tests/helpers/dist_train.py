@@ -14,6 +14,7 @@ Lightning's launcher re-executes this file once per extra rank (``LOCAL_RANK`` s
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -103,16 +104,29 @@ class CPUStockDeepSpeed(_CPUDeepSpeedMixin, DeepSpeedStrategy):
     pass
 
 
+def skip_shm_op_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory allreduce kernel (``deepspeed_shm_comm``).
+
+    ``TorchBackend.__init__`` in ``deepspeed/comm/torch.py`` calls that module's ``build_shm_op()``, which on the CPU
+    accelerator compiles the kernel with ninja (one to several minutes on a small CPU; an interrupted build leaves a
+    lock in ``TORCH_EXTENSIONS_DIR`` that hangs later runs). When ``build_shm_op`` returns None, DeepSpeed all-reduces
+    through ``torch.distributed`` (gloo), which is all a CPU test needs. The module must be taken from
+    ``sys.modules``: the attribute ``deepspeed.comm.torch`` is the ``torch`` package (``deepspeed/comm/comm.py`` does
+    ``import torch`` and has no ``__all__``, and ``deepspeed/comm/__init__.py``'s ``from .comm import *`` rebinds the
+    package attribute ``torch`` to it after the submodule was imported), so ``deepspeed.comm.torch.build_shm_op =
+    ...`` would patch PyTorch and leave DeepSpeed's function in place.
+    """
+    module = importlib.import_module("deepspeed.comm.torch")
+    assert hasattr(module, "TorchBackend"), module  # DeepSpeed's backend module, not the torch package
+    module.build_shm_op = lambda: None
+
+
 def make_strategy(name: str):
     if name in ("auto", "ddp"):
         return name
     if name == "fsdp2":
         return FSDP2Strategy()
-    import deepspeed.comm.torch
-
-    deepspeed.comm.torch.build_shm_op = lambda: (
-        None
-    )  # no C++ build of DeepSpeed's shm allreduce for a CPU test
+    skip_shm_op_build()
     if name == "deepspeed":
         return CPUAeroDeepSpeed(stage=2, process_group_backend="gloo")
     if name == "deepspeed_stock":
