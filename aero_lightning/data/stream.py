@@ -3,11 +3,19 @@
 Each DataLoader worker of each rank runs one :class:`TrainStream` iterator, identified by a *logical id*
 (``rank * num_workers + worker``). Its data is a deterministic function of ``(seed, logical id)``:
 
-1. Every corpus is an infinite, resampled sequence of shards (:class:`CorpusStream`): shard ``k`` is drawn
-   uniformly from the corpus's shard list (split by rank x worker when there are enough shards) with a seeded
-   generator, and read front to back with :func:`~aero_lightning.data.shard_reader.iter_tar`. Infinite streams
-   with step-based training mean no rank can run dry (finite per-rank shard lists hang DDP: webdataset issues 188
-   and 225).
+1. Every corpus is an infinite, resampled sequence of shards (:class:`CorpusStream`): each shard is drawn with a
+   seeded generator from the reader's share of the corpus (:func:`plan_shards`) and read front to back with
+   :func:`~aero_lightning.data.shard_reader.iter_tar`. Infinite streams with step-based training mean no rank can
+   run dry (finite per-rank shard lists hang DDP: webdataset issues 188 and 225).
+
+   The share gives every shard of a corpus the same expected read rate, whatever the number of shards ``n`` and of
+   readers ``R`` (ranks x workers). The ``n`` shards lie on a circle of length ``n``, shard ``k`` on ``[k, k+1)``;
+   reader ``r`` owns the arc ``[r n / R, (r+1) n / R)`` and draws shard ``k`` with probability (overlap of shard
+   ``k`` with its arc) / (arc length ``n / R``). The arcs tile the circle, so the overlaps of one shard sum to 1
+   over the readers and, readers reading at equal rates, every shard is drawn at ``R / n`` times a reader's rate.
+   A strided split (``urls[r::R]``) cannot do that when ``R`` does not divide ``n``: at 16 GPUs x 8 workers over
+   200 shards, 72 readers would own 2 shards and 56 readers 1, so those 56 shards would be read twice as often as
+   the other 144. With ``n < R`` each shard is shared by about ``R / n`` readers, which differ by their seeds.
 2. :class:`MixtureStream` picks the corpus of every sample with probabilities ``p_i ∝ w_i^(1/T)``.
 3. Samples are read in *blocks* of ``buffer_size``. For each sample only the JSON is parsed at this point: the
    chat is tokenised and its LLM cost (audio tokens from ``duration_s`` + text tokens) is known before any audio is
@@ -38,6 +46,59 @@ from aero_lightning.data.shard_reader import decode_waveform, dist_rank_world, i
 logger = logging.getLogger(__name__)
 
 
+def shard_weights(num_shards: int, reader: int, num_readers: int) -> dict[int, int]:
+    """Integer draw weights of reader ``reader``'s arc of the shard circle (module docstring, item 1).
+
+    Scaled by ``num_readers`` so that everything is an integer: shard ``k`` covers ``[k R, (k+1) R)`` and reader
+    ``r`` the arc ``[r n, (r+1) n)`` of a circle of length ``n R`` (``n`` shards, ``R`` readers). The weight of
+    shard ``k`` is the length of their overlap, so a reader's weights sum to ``n`` and one shard's weights sum to
+    ``R`` over all readers.
+
+    Args:
+        num_shards: shards in the corpus, ``n >= 1``.
+        reader: logical reader id, ``0 <= reader < num_readers`` (``rank * num_workers + worker``).
+        num_readers: ``R >= 1`` (world size x DataLoader workers).
+
+    Returns:
+        ``{shard index: weight > 0}`` in increasing shard order.
+
+    Raises:
+        ValueError: on ``num_shards < 1``, ``num_readers < 1`` or ``reader`` out of range.
+    """
+    if num_shards < 1 or num_readers < 1:
+        raise ValueError(f"need >= 1 shard and >= 1 reader, got {num_shards} shards, {num_readers} readers")
+    if not 0 <= reader < num_readers:
+        raise ValueError(f"reader {reader} out of range for {num_readers} readers")
+    lo, hi = reader * num_shards, (reader + 1) * num_shards
+    weights = {}
+    for k in range(lo // num_readers, -(-hi // num_readers)):
+        overlap = min((k + 1) * num_readers, hi) - max(k * num_readers, lo)
+        if overlap > 0:
+            weights[k] = overlap
+    return weights
+
+
+def plan_shards(urls: Sequence[str], reader: int, num_readers: int) -> tuple[list[str], list[int] | None]:
+    """The shards reader ``reader`` of ``num_readers`` draws from, and their weights (:func:`shard_weights`).
+
+    Args:
+        urls: the corpus's shard paths (in the same order on every reader).
+        reader: logical reader id.
+        num_readers: ranks x DataLoader workers.
+
+    Returns:
+        ``(shards, weights)``; ``weights`` is None when they are all equal, and the reader then draws uniformly
+        with ``rng.integers(len(shards))`` (for one reader: every shard, the draw a single process always made).
+
+    Raises:
+        ValueError: as :func:`shard_weights`.
+    """
+    weights = shard_weights(len(urls), reader, num_readers)
+    shards = [urls[k] for k in weights]
+    values = list(weights.values())
+    return shards, (None if len(set(values)) == 1 else values)
+
+
 class CorpusStream:
     """Infinite resampled sequence of one corpus's raw samples.
 
@@ -46,23 +107,40 @@ class CorpusStream:
         urls: shard paths.
         seed: seeds the shard draws.
         rejects: shared reject counter.
+        weights: positive integer draw weight of each shard (:func:`plan_shards`), or None to draw uniformly.
 
     Raises:
-        ValueError: if ``urls`` is empty.
+        ValueError: if ``urls`` is empty, or ``weights`` does not give one positive weight per shard.
         RuntimeError: from :meth:`next` if ``2 * len(urls) + 8`` consecutive shard draws yield no sample (every
             shard unreadable).
     """
 
-    def __init__(self, name: str, urls: Sequence[str], seed: Sequence[int], rejects: RejectCounter):
+    def __init__(
+        self,
+        name: str,
+        urls: Sequence[str],
+        seed: Sequence[int],
+        rejects: RejectCounter,
+        weights: Sequence[int] | None = None,
+    ):
         if not urls:
             raise ValueError(f"corpus {name!r} has no shards")
+        if weights is not None and (len(weights) != len(urls) or min(weights) < 1):
+            raise ValueError(f"corpus {name!r}: need one weight >= 1 per shard, got {list(weights)}")
         self.name = name
         self.urls = list(urls)
         self.rng = np.random.default_rng(np.random.SeedSequence(list(seed)))
         self.rejects = rejects
+        self._cum = None if weights is None else np.cumsum(np.asarray(weights, dtype=np.int64))
         self.url: str | None = None
         self.offset = 0
         self._it: Iterator[dict] | None = None
+
+    def draw(self) -> int:
+        """Index into ``urls`` of the next shard: uniform, or by weight (an exact integer draw)."""
+        if self._cum is None:
+            return int(self.rng.integers(len(self.urls)))
+        return int(np.searchsorted(self._cum, self.rng.integers(self._cum[-1]), side="right"))
 
     def state(self) -> dict:
         """Generator state after the current shard's draw, the shard, and samples consumed from it."""
@@ -86,7 +164,7 @@ class CorpusStream:
         empty = 0
         while True:
             if self._it is None:
-                self.url = self.urls[int(self.rng.integers(len(self.urls)))]
+                self.url = self.urls[self.draw()]
                 self.offset = 0
                 self._it = iter_tar(self.url, self.rejects)
             raw = next(self._it, None)
@@ -138,6 +216,7 @@ class MixtureStream:
         probs: ``{name: probability}`` (same keys).
         seed: entropy for the generators (e.g. ``[seed, logical_id]``).
         rejects: shared reject counter.
+        weights: ``{name: shard draw weights}`` for some corpora (:func:`plan_shards`); the others draw uniformly.
     """
 
     def __init__(
@@ -146,13 +225,16 @@ class MixtureStream:
         probs: Mapping[str, float],
         seed: Sequence[int],
         rejects: RejectCounter,
+        weights: Mapping[str, Sequence[int] | None] | None = None,
     ):
         self.names = list(corpora)
         self.cum = np.cumsum([probs[n] for n in self.names])
         self.cum[-1] = 1.0
         self.rng = np.random.default_rng(np.random.SeedSequence([*seed, 0]))
+        weights = weights or {}
         self.streams = {
-            n: CorpusStream(n, corpora[n], [*seed, 1 + i], rejects) for i, n in enumerate(self.names)
+            n: CorpusStream(n, corpora[n], [*seed, 1 + i], rejects, weights.get(n))
+            for i, n in enumerate(self.names)
         }
 
     def state(self) -> dict:
@@ -263,11 +345,9 @@ class TrainStream(IterableDataset):
         return {k: v for k, v in item.items() if k != "audio"} | {"waveform": waveform}
 
     # ------------------------------------------------------------------ iteration
-    def _split(self, logical: int, total: int) -> dict[str, list[str]]:
-        out = {}
-        for name, urls in self.corpora.items():
-            out[name] = urls[logical::total] if len(urls) >= total else urls
-        return out
+    def _plan(self, logical: int, total: int) -> dict[str, tuple[list[str], list[int] | None]]:
+        """``{corpus: (shards, weights)}`` of reader ``logical`` of ``total`` (:func:`plan_shards`)."""
+        return {name: plan_shards(urls, logical, total) for name, urls in self.corpora.items()}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -279,13 +359,20 @@ class TrainStream(IterableDataset):
         small = [n for n, u in self.corpora.items() if len(u) < total]
         if small and logical == 0:
             logger.info(
-                "corpora %s have fewer shards than ranks x workers (%d): their workers share all shards and "
-                "differ by seed",
+                "corpora %s have fewer shards than ranks x workers (%d): each of their shards is shared by "
+                "several readers, which differ by seed",
                 small,
                 total,
             )
         rejects = RejectCounter()
-        mixture = MixtureStream(self._split(logical, total), self.probs, [self.seed, logical], rejects)
+        plan = self._plan(logical, total)
+        mixture = MixtureStream(
+            {name: shards for name, (shards, _) in plan.items()},
+            self.probs,
+            [self.seed, logical],
+            rejects,
+            weights={name: weights for name, (_, weights) in plan.items()},
+        )
         collate = make_collate(self.mode, self.counter, pad_token_id(self.tokenizer))
         block, skip = 0, 0
         if restored and "block_start" in restored:

@@ -20,7 +20,14 @@ from aero_lightning.data.datamodule import AeroDataModule
 from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.data.shard_reader import iter_tar
 from aero_lightning.data.shards import asr_sample_json, build_manifest, write_manifest
-from aero_lightning.data.stream import MixtureStream, TrainStream, mixture_probs
+from aero_lightning.data.stream import (
+    CorpusStream,
+    MixtureStream,
+    TrainStream,
+    mixture_probs,
+    plan_shards,
+    shard_weights,
+)
 from aero_lightning.lit_module import AeroLitModule
 
 COUNTER = AudioTokenCounter(encoder_downsample=2, projector_downsample=4)
@@ -265,13 +272,79 @@ def test_lightning_resume_sees_the_same_samples_as_an_uninterrupted_run(make_mod
     assert first + resumed == uninterrupted
 
 
+def _read_rates(num_shards: int, num_readers: int, plan) -> np.ndarray:
+    """Expected draws of every shard per draw of each reader, all readers drawing at the same rate."""
+    rates = np.zeros(num_shards)
+    urls = [str(k) for k in range(num_shards)]
+    for reader in range(num_readers):
+        shards, weights = plan(urls, reader, num_readers)
+        w = np.ones(len(shards)) if weights is None else np.asarray(weights, dtype=float)
+        for url, p in zip(shards, w / w.sum()):
+            rates[int(url)] += p
+    return rates
+
+
+@pytest.mark.parametrize("num_shards", [200, 130, 100, 7])
+def test_every_shard_is_read_at_the_same_expected_rate(num_shards):
+    """128 readers (16 GPUs x 8 workers): every shard's expected read rate is within 5 % of the corpus mean. The
+    strided split this replaces (``urls[r::R]``, all shards when fewer than readers) read 56 of 200 shards (and
+    126 of 130) at twice the rate of the others."""
+    rates = _read_rates(num_shards, 128, plan_shards)
+    mean = 128 / num_shards  # every reader draws once
+    assert rates.sum() == pytest.approx(128)
+    assert np.abs(rates / mean - 1).max() <= 0.05
+    assert np.allclose(rates, mean, rtol=1e-12)  # exact up to float rounding: the arcs tile the circle
+
+
+def test_shard_weights_are_the_arc_overlaps():
+    # 3 shards, 2 readers (circle scaled by 2): reader 0 [0, 3) covers shard 0 [0, 2) and half of shard 1 [2, 4)
+    assert shard_weights(3, 0, 2) == {0: 2, 1: 1}
+    assert shard_weights(3, 1, 2) == {1: 1, 2: 2}
+    # 2 shards, 3 readers (scaled by 3): reader 1 [2, 4) straddles both shards equally
+    assert [shard_weights(2, r, 3) for r in range(3)] == [{0: 2}, {0: 1, 1: 1}, {1: 2}]
+    assert shard_weights(5, 0, 1) == {k: 1 for k in range(5)}
+    for n, readers in ((200, 128), (130, 128), (7, 128), (128, 128), (1, 3)):
+        weights = [shard_weights(n, r, readers) for r in range(readers)]
+        assert all(sum(w.values()) == n for w in weights)  # every arc has length n (scaled)
+        per_shard = Counter()
+        for w in weights:
+            per_shard.update(w)
+        assert per_shard == {k: readers for k in range(n)}  # every shard is covered exactly once
+    with pytest.raises(ValueError, match="out of range"):
+        shard_weights(3, 2, 2)
+    with pytest.raises(ValueError, match=">= 1 shard"):
+        shard_weights(0, 0, 2)
+
+
+def test_one_reader_draws_every_shard_uniformly_as_before():
+    """1 rank x 1 worker: all shards, no weights, and the draws are ``rng.integers(len(urls))`` unchanged."""
+    urls = [f"s{k}" for k in range(6)]
+    assert plan_shards(urls, 0, 1) == (urls, None)
+    stream = CorpusStream("c", urls, [3, 0, 1], RejectCounter())
+    rng = np.random.default_rng(np.random.SeedSequence([3, 0, 1]))
+    assert [stream.draw() for _ in range(50)] == [int(rng.integers(6)) for _ in range(50)]
+    # readers whose arc covers whole shards only draw uniformly too: 8 shards over 4 readers
+    assert plan_shards([f"s{k}" for k in range(8)], 3, 4) == (["s6", "s7"], None)
+
+
+def test_weighted_draws_follow_the_arc_overlaps():
+    urls, weights = plan_shards([f"s{k}" for k in range(3)], 0, 2)
+    assert (urls, weights) == (["s0", "s1"], [2, 1])
+    stream = CorpusStream("c", urls, [0, 5, 1], RejectCounter(), weights)
+    counts = Counter(stream.draw() for _ in range(30000))
+    # binomial sd = sqrt(30000 * 2/3 * 1/3) ~ 82: 4 sd tolerance
+    assert abs(counts[0] - 20000) < 330 and counts[0] + counts[1] == 30000
+    with pytest.raises(ValueError, match="one weight"):
+        CorpusStream("c", urls, [0], RejectCounter(), [1])
+
+
 def test_shards_split_by_rank_and_worker(tokenizer, tmp_path, monkeypatch):
-    """With enough shards every (rank, worker) reads its own; with too few they share all and differ by seed."""
+    """Each rank reads its arc of every corpus: a (3 shards) is split 2:1 / 1:2 over 2 readers, b (2 shards) 1 / 1."""
     corpora = _corpora(tmp_path)  # a: 3 shards, b: 2 shards
     stream = _stream(tokenizer, corpora)
-    assert stream._split(0, 2) == {"a": corpora["a"][0::2], "b": corpora["b"][0:1]}
-    assert stream._split(1, 2) == {"a": corpora["a"][1::2], "b": corpora["b"][1:2]}
-    assert stream._split(2, 3) == {"a": corpora["a"][2:3], "b": corpora["b"]}  # b: 2 shards < 3 readers
+    assert stream._plan(0, 2) == {"a": (corpora["a"][0:2], [2, 1]), "b": (corpora["b"][0:1], None)}
+    assert stream._plan(1, 2) == {"a": (corpora["a"][1:3], [1, 2]), "b": (corpora["b"][1:2], None)}
+    assert stream._plan(1, 3)["b"] == (corpora["b"], None)  # b: 2 shards < 3 readers, reader 1 straddles both
 
     def keys_of_rank(rank: int) -> set[str]:
         monkeypatch.setenv("RANK", str(rank))
@@ -280,5 +353,5 @@ def test_shards_split_by_rank_and_worker(tokenizer, tmp_path, monkeypatch):
 
     rank0, rank1 = keys_of_rank(0), keys_of_rank(1)
     shard_of = {k: k.split("_")[0] for k in rank0 | rank1}  # "a0_3" -> "a0": corpus + shard index
-    assert {shard_of[k] for k in rank0} <= {"a0", "a2", "b0"}
-    assert {shard_of[k] for k in rank1} <= {"a1", "b1"}
+    assert {shard_of[k] for k in rank0} <= {"a0", "a1", "b0"}
+    assert {shard_of[k] for k in rank1} <= {"a1", "a2", "b1"}
