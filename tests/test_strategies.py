@@ -131,6 +131,7 @@ def test_fsdp2_two_processes_train_like_one(tiny_dir, reference, tmp_path):
     step's loss and the full gradients equal the single-process run."""
     fsdp = _train(tiny_dir, tmp_path / "fsdp2.pt", "fsdp2", world=2, micro=2, accum=1)
     assert fsdp["sharded"] and all(fsdp["sharded"].values())
+    assert fsdp["params"] == reference["params"]  # FLOP counting sees the full (global) parameter sizes
     assert fsdp["losses"][2] < fsdp["losses"][0]
     assert fsdp["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     _close_grads(fsdp["grads"], reference["grads"])
@@ -153,6 +154,34 @@ def test_deepspeed_zero2_two_processes_with_accumulation_equal_one_process(tiny_
     assert sorted(p.name for p in extensions.rglob("*")) == []
     _close_grads(zero2["grads"], reference["grads"])
     assert zero2["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_two_processes_with_accumulation_equal_one_process(tiny_dir, reference, tmp_path):
+    """ZeRO-3 over 2 gloo processes x 2 accumulation steps, every parameter partitioned (persistence threshold 0):
+    the reference losses, gradients and greedy tokens. The LM head weight is partitioned, so the chunked loss must
+    project through the head module (its ZeRO-3 hooks gather the weight), also when a chunk is recomputed in the
+    backward pass; the encoder's position table likewise. FLOP counting sees the full parameter sizes (ds_numel),
+    not the empty local tensors."""
+    extensions = tmp_path / "torch_extensions"
+    extensions.mkdir()
+    zero3 = _train(
+        tiny_dir,
+        tmp_path / "zero3.pt",
+        "deepspeed_zero3",
+        world=2,
+        micro=1,
+        accum=2,
+        extensions_dir=extensions,
+    )
+    assert sorted(p.name for p in extensions.rglob("*")) == []
+    assert zero3["sharded"] and all(zero3["sharded"].values())
+    assert zero3["local_numel"] == 0  # partitioned: rank 0 holds no whole parameter outside a forward
+    assert zero3["params"] == reference["params"]
+    assert reference["params"]["llm"]["trainable"] == 92_928  # tests/model/test_flops.py's LLM_LINEAR
+    _close_grads(zero3["grads"], reference["grads"])
+    assert zero3["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert zero3["generated"] == reference["generated"]
 
 
 @needs_deepspeed

@@ -263,7 +263,7 @@ class AeroModel(nn.Module):
                 hidden = self.llm.base_model(**kwargs).last_hidden_state  # (B, L, D)
                 out.loss_sum, out.num_target_tokens = linear_cross_entropy_sum(
                     hidden[:, :-1],  # (B, L-1, D) predicts labels[:, 1:]
-                    self.llm.get_output_embeddings().weight,
+                    self.llm.get_output_embeddings(),  # the module: ZeRO-3 gathers its weight in its hooks
                     labels[:, 1:],
                     chunk_tokens=self.loss_chunk_tokens,
                     use_liger=self.liger["fused_linear_cross_entropy"],

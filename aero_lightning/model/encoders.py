@@ -95,7 +95,8 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
         x = nn.functional.gelu(self.conv2(x))  # (W, D, S): S encoder frames
         x = x.permute(0, 2, 1)  # (W, S, D)
         seq_len = x.shape[1]
-        positions = self.embed_positions.weight[:seq_len]  # (S, D)
+        # (S, D); the module call, not a weight read, so DeepSpeed ZeRO-3 gathers the table in its own hooks
+        positions = self.embed_positions(torch.arange(seq_len, device=x.device))
         hidden_states = x + positions
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 

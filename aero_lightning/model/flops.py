@@ -222,11 +222,22 @@ class ModelParams:
     projector_downsample: int
 
 
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when this process holds only a part of it.
+
+    DeepSpeed ZeRO-3 replaces a partitioned parameter's ``data`` by an empty tensor (``numel() == 0`` outside
+    its module's forward) and records the full size as ``ds_numel``; an FSDP2 ``DTensor`` reports its global shape,
+    so its ``numel()`` is already the full size (the local shard is ``to_local()``).
+    """
+    ds_numel = getattr(param, "ds_numel", None)
+    return int(ds_numel) if ds_numel is not None else param.numel()
+
+
 def _linear_weights(module: nn.Module) -> tuple[int, int]:
     trainable = frozen = 0
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            n = m.weight.numel()
+            n = full_numel(m.weight)
             if m.weight.requires_grad:
                 trainable += n
             else:
@@ -246,7 +257,7 @@ def _conv_stem(module: nn.Module) -> tuple[int, int]:
         positions = 1
         for later in convs[i + 1 :]:
             positions *= later.stride[0]
-        n = conv.weight.numel() * positions
+        n = full_numel(conv.weight) * positions
         if conv.weight.requires_grad:
             trainable += n
         else:
@@ -274,7 +285,8 @@ def _layer_status(module: nn.Module, expected: int, what: str) -> tuple[int, int
 def count_params(model: AeroModel) -> ModelParams:
     """Matmul-weight counts, attention layers and widths of an AeroModel, respecting ``requires_grad``.
 
-    Call it again after changing what is frozen.
+    Call it again after changing what is frozen. Sizes are those of the whole parameters (:func:`full_numel`), so
+    the counts are the same under DeepSpeed ZeRO-3 and FSDP2, which hold only a partition per process.
 
     Args:
         model: the model (encoder: Whisper architecture; LLM: an HF causal LM whose blocks are named
@@ -307,9 +319,9 @@ def count_params(model: AeroModel) -> ModelParams:
         head, nn.Linear
     ):  # a head that is not an nn.Linear still costs V·d
         if head.weight.requires_grad:
-            llm_t += head.weight.numel()
+            llm_t += full_numel(head.weight)
         else:
-            llm_f += head.weight.numel()
+            llm_f += full_numel(head.weight)
     llm_lt, llm_lf = _layer_status(model.llm, llm_cfg.num_hidden_layers, "llm")
     llm = ComponentParams(
         llm_t, llm_f, 0, 0, llm_lt, llm_lf, attn_width=llm_cfg.num_attention_heads * head_dim

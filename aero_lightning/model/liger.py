@@ -19,6 +19,8 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
@@ -71,27 +73,68 @@ def apply_liger(llm, rope: bool = True, rms_norm: bool = True, swiglu: bool = Tr
     return True
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.T).float()  # (chunk, V)
+_warned_partitioned = False
+
+
+def is_partitioned(weight: torch.Tensor) -> bool:
+    """True for a weight whose full value is not held by this process outside its module's forward.
+
+    DeepSpeed ZeRO-3 marks the parameters it partitions with ``ds_id``/``ds_numel`` (their ``data`` is an empty
+    tensor except while a forward hook has gathered them); FSDP2 keeps them as ``DTensor`` shards.
+    """
+    return hasattr(weight, "ds_id") or isinstance(weight, DTensor)
+
+
+def _project(head: nn.Module | torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    # Through the module's forward when there is one: ZeRO-3 gathers a partitioned weight only in the hooks of
+    # the module that owns it, so reading ``head.weight`` directly sees an empty partition.
+    return head(hidden) if isinstance(head, nn.Module) else F.linear(hidden, head)
+
+
+def _chunk_loss(hidden: torch.Tensor, head: nn.Module | torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = _project(head, hidden).float()  # (chunk, V)
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _fused_allowed(weight: torch.Tensor) -> bool:
+    """False (with a warning, once per process) when Liger's kernel cannot take ``weight`` as it is."""
+    global _warned_partitioned
+    if not is_partitioned(weight):
+        return True
+    if not _warned_partitioned:
+        logger.warning(
+            "model.liger: the LM head weight is partitioned (DeepSpeed ZeRO-3 or FSDP2); Liger's fused linear "
+            "cross-entropy needs the whole weight, so the loss uses the chunked PyTorch path through the LM head "
+            "module instead (same value, without the fused kernel's memory and speed gains)"
+        )
+        _warned_partitioned = True
+    return False
 
 
 def linear_cross_entropy_sum(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: nn.Module | torch.Tensor,
     labels: torch.Tensor,
     chunk_tokens: int = 4096,
     use_liger: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy of ``hidden @ weight.T`` against ``labels`` without full logits.
+    """Summed cross-entropy of the LM head's logits at the target positions, without full logits.
+
+    The projection runs chunk by chunk through ``head``'s forward, also when a chunk is recomputed in the
+    backward pass (activation checkpointing), so DeepSpeed ZeRO-3 gathers a partitioned head weight (its module
+    hooks do) every time it is used.
 
     Args:
         hidden: ``(..., D)`` final hidden states, already aligned with ``labels`` (the caller shifts).
-        weight: ``(V, D)`` LM head weight.
+        head: the LM head module (``nn.Linear(D, V)``, e.g. ``llm.get_output_embeddings()``), or its ``(V, D)``
+            weight. Pass the module under ZeRO-3: a bare weight tensor is not gathered.
         labels: ``(...)`` target ids, -100 where no loss is taken.
         chunk_tokens: target positions projected to the vocabulary at once (peak logits memory
             ``chunk_tokens x V`` floats, recomputed in backward).
-        use_liger: use Liger's fused kernel (CUDA + liger-kernel) for the selected positions.
+        use_liger: use Liger's fused kernel (CUDA + liger-kernel) for the selected positions. When the head
+            weight is partitioned (ZeRO-3 ``ds_id``, FSDP2 ``DTensor``) the chunked path is used instead, with a
+            warning once per process: the fused kernel reads the raw weight and computes its gradient inside its
+            forward, outside the hooks through which ZeRO-3 gathers the weight and reduces its gradient.
 
     Returns:
         ``(loss_sum, num_targets)``: a float32 scalar summed over target positions and their count.
@@ -107,20 +150,24 @@ def linear_cross_entropy_sum(
     count = keep.sum()
     if rows.shape[0] == 0:
         return hidden.sum() * 0.0, count
-    if use_liger and LigerFusedLinearCrossEntropyLoss is not None and rows.is_cuda:
+    weight = head.weight if isinstance(head, nn.Module) else head
+    if use_liger and LigerFusedLinearCrossEntropyLoss is not None and _fused_allowed(weight) and rows.is_cuda:
+        bias = getattr(head, "bias", None) if isinstance(head, nn.Module) else None
         loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(
-            weight, rows, targets
+            weight, rows, targets, bias
         )
         return loss.float(), count
+    params = list(head.parameters()) if isinstance(head, nn.Module) else [head]
+    needs_grad = torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in params))
     total = rows.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_tokens):
         end = start + chunk_tokens
-        if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
+        if needs_grad:
             total = total + checkpoint(
-                _chunk_loss, rows[start:end], weight, targets[start:end], use_reentrant=False
+                _chunk_loss, rows[start:end], head, targets[start:end], use_reentrant=False
             )
         else:
-            total = total + _chunk_loss(rows[start:end], weight, targets[start:end])
+            total = total + _chunk_loss(rows[start:end], head, targets[start:end])
     return total, count
 
 

@@ -4,16 +4,20 @@
 :func:`ddp_grads.documents` are split over ``WORLD`` processes (gloo), each rank training ``MICRO`` documents per
 micro-batch with ``ACCUM`` accumulation steps; the same global batch is trained ``STEPS`` times with AdamW at ``LR``.
 ``STRATEGY`` is ``auto`` (one process), ``ddp``, ``fsdp2`` (:class:`~aero_lightning.strategies.FSDP2Strategy`),
-``deepspeed`` (:class:`~aero_lightning.strategies.AeroDeepSpeedStrategy`, ZeRO-2) or ``deepspeed_stock`` (Lightning's
-own ``DeepSpeedStrategy``, ZeRO-2). The DeepSpeed strategies need CUDA; here they run on DeepSpeed's CPU accelerator
-with the CUDA check skipped and without its shared-memory allreduce kernel (a C++ build). Rank 0 writes
-``{"grads": first step's full gradients, "losses": global-batch loss per step, "sharded": ...,
-"generated": greedy ids of 4 new tokens for documents 0-1 after training}``.
+``deepspeed`` (:class:`~aero_lightning.strategies.AeroDeepSpeedStrategy`, ZeRO-2), ``deepspeed_zero3`` (the same at
+stage 3, every parameter partitioned) or ``deepspeed_stock`` (Lightning's own ``DeepSpeedStrategy``, ZeRO-2). The
+DeepSpeed strategies need CUDA; here they run on DeepSpeed's CPU accelerator with the CUDA check skipped and without
+its shared-memory allreduce kernel (a C++ build, :func:`skip_shm_op_build`). Rank 0 writes
+``{"grads": first step's full gradients, "losses": global-batch loss per step, "sharded": {name: parameter is a
+DTensor or ZeRO-3 partition}, "params": flops.count_params of the model as the strategy holds it (as a dict),
+"local_numel": parameter elements held by rank 0 at the start of training, "generated": greedy ids of 4 new tokens
+for documents 0-1 after training}``.
 Lightning's launcher re-executes this file once per extra rank (``LOCAL_RANK`` set).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -28,10 +32,17 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 
 from aero_lightning.data.datamodule import AccumulationGroups, AsrCollator  # noqa: E402
 from aero_lightning.data.packing import collate_packed  # noqa: E402
+from aero_lightning.model.flops import count_params  # noqa: E402
 from aero_lightning.strategies import AeroDeepSpeedStrategy, FSDP2AeroLitModule, FSDP2Strategy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: run as a script, one process per rank
 from helpers.ddp_grads import build_model, documents  # noqa: E402
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the local shard of a DTensor, else the tensor (empty for ZeRO-3 outside a
+    forward)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -53,6 +64,8 @@ class Capture(L.Callback):
         self._step_sum = 0.0
         self._micro = 0
         self.sharded: dict[str, bool] = {}
+        self.params: dict = {}
+        self.local_numel = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.grads or self._micro + 1 < self.accum:
@@ -69,7 +82,15 @@ class Capture(L.Callback):
                 grad = None if p.grad is None else _full(p.grad)
             if grad is not None:
                 self.grads[name] = grad.detach().float().clone()
-        self.sharded = {n: hasattr(p, "full_tensor") for n, p in pl_module.named_parameters()}
+        # FSDP2 parameters are DTensors, ZeRO-3 ones carry DeepSpeed's ds_id
+        self.sharded = {
+            n: hasattr(p, "full_tensor") or hasattr(p, "ds_id") for n, p in pl_module.named_parameters()
+        }
+
+    def on_train_start(self, trainer, pl_module):
+        # FLOP-counting view of the model as the strategy holds it (partitioned under ZeRO-3 and FSDP2)
+        self.params = dataclasses.asdict(count_params(pl_module.model))
+        self.local_numel = sum(_local(p).numel() for p in pl_module.parameters())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._step_sum += float(outputs["loss"])
@@ -129,6 +150,14 @@ def make_strategy(name: str):
     skip_shm_op_build()
     if name == "deepspeed":
         return CPUAeroDeepSpeed(stage=2, process_group_backend="gloo")
+    if name == "deepspeed_zero3":
+        # threshold 0: every parameter is partitioned; DeepSpeed's default (1e5 elements) would keep most of the
+        # tiny model's weights whole and leave the partitioned code paths untested
+        return CPUAeroDeepSpeed(
+            stage=3,
+            process_group_backend="gloo",
+            config_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        )
     if name == "deepspeed_stock":
         return CPUStockDeepSpeed(
             stage=2,
@@ -203,4 +232,5 @@ if __name__ == "__main__":
     capture = run(tiny, strategy, world, micro, accum, steps, lr, rank=rank, precision=precision)
     if rank == 0:
         result = {"grads": capture.grads, "losses": capture.losses, "sharded": capture.sharded}
+        result |= {"params": capture.params, "local_numel": capture.local_numel}
         torch.save(result | {"generated": capture.generated}, out)

@@ -250,3 +250,17 @@ def test_training_flops_match_flop_counter(make_model, make_samples, make_batch)
         out.loss.backward()
     conv1_input_grad = 2 * (N_MELS * ENC_D * 3) * mel_frames
     assert expected["total"] - counter.get_total_flops() == conv1_input_grad
+
+
+def test_count_params_uses_the_full_size_of_partitioned_weights(make_model):
+    """Under DeepSpeed ZeRO-3 a partitioned parameter's data is empty outside its module's forward and its full
+    size is ``ds_numel``: the counts are those of the whole model (the two-process ZeRO-3 run in
+    tests/test_strategies.py checks the same on real partitions)."""
+    model = make_model()
+    for p in model.parameters():
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0)
+    params = count_params(model)
+    assert (params.encoder.trainable, params.encoder.stem_trainable) == (ENC_LINEAR, ENC_STEM)
+    assert (params.projector.trainable, params.llm.trainable) == (PROJ, LLM_LINEAR)
+    assert params.encoder.frozen == params.llm.frozen == 0
