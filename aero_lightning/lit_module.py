@@ -185,28 +185,38 @@ class AeroLitModule(L.LightningModule):
         return self.training_loss(out, batch)
 
     def training_loss(self, out: AeroOutput, batch: dict) -> torch.Tensor:
-        """Assemble the objective: ``LM sum / LM tokens + ctc_weight * CTC sum / CTC tokens``.
+        """Assemble the objective: ``LM sum / LM targets + ctc_weight * CTC sum / CTC targets``.
 
-        With ``group_target_tokens`` in the batch (the training stream's :class:`AccumulationGroups`), the LM count
-        of the accumulation group is all-reduced over ranks at its first micro-batch, and the LM term is
-        ``loss_sum * world_size * accumulate / global_tokens``: Lightning divides it by ``accumulate`` and DDP/FSDP
-        average gradients over ranks, so the step's gradient is ``sum of token-loss gradients / global_tokens``,
-        invariant to micro-batch size, accumulation and world size. Without it, the micro-batch's token mean.
-
-        The CTC term is the micro-batch's mean per CTC target. With ``model.ctc_only`` it is the whole loss and is
-        normalised like the LM term, by the group's LM target tokens.
+        With ``group_target_tokens`` in the batch (the training stream's :class:`AccumulationGroups`), the target
+        counts of the accumulation group are all-reduced over ranks at its first micro-batch, and each term is
+        ``sum * world_size * accumulate / global_count``: Lightning divides the returned loss by ``accumulate`` and
+        DDP/FSDP average gradients over ranks, so the step's gradient is ``sum of per-token gradients /
+        global_count`` for each term, invariant to micro-batch size, accumulation and world size. The CTC count is
+        ``group_ctc_tokens`` (CTC targets: reply tokens but the end-of-turn token, in documents with audio). Without
+        group counts each term is the micro-batch's mean. With ``model.ctc_only`` the CTC term is the whole loss.
         """
-        if batch.get("group_target_tokens") is not None:
-            if batch["group_index"] == 0:
-                local = torch.tensor(float(batch["group_target_tokens"]), device=self.device)
-                self._global_tokens = self.trainer.strategy.reduce(local, reduce_op="sum")
-            scale = self.trainer.world_size * self.trainer.accumulate_grad_batches
-            lm_sum = out.ctc_loss * out.ctc_target_tokens if self.model.ctc_only else out.loss_sum
-            loss = lm_sum * scale / self._global_tokens.clamp_min(1.0)
-        else:
-            loss = out.ctc_loss if self.model.ctc_only else out.loss
-        if out.ctc_loss_sum is not None and not self.model.ctc_only:
-            loss = loss + self.model.ctc_weight * out.ctc_loss
+        ctc_weight = 1.0 if self.model.ctc_only else self.model.ctc_weight
+        if batch.get("group_target_tokens") is None:  # micro-batch means
+            loss = None if self.model.ctc_only else out.loss
+            if out.ctc_loss_sum is not None:
+                ctc = ctc_weight * out.ctc_loss
+                loss = ctc if loss is None else loss + ctc
+            return loss
+        if batch["group_index"] == 0:
+            counts = [float(batch["group_target_tokens"])]
+            if batch.get("group_ctc_tokens") is not None:
+                counts.append(float(batch["group_ctc_tokens"]))
+            self._global_tokens = self.trainer.strategy.reduce(
+                torch.tensor(counts, device=self.device), reduce_op="sum"
+            )
+        scale = self.trainer.world_size * self.trainer.accumulate_grad_batches
+        loss = None if self.model.ctc_only else out.loss_sum * scale / self._global_tokens[0].clamp_min(1.0)
+        if out.ctc_loss_sum is not None:
+            if len(self._global_tokens) > 1:
+                ctc = out.ctc_loss_sum * scale / self._global_tokens[1].clamp_min(1.0)
+            else:  # no CTC count in the batch: the micro-batch mean
+                ctc = out.ctc_loss
+            loss = ctc_weight * ctc if loss is None else loss + ctc_weight * ctc
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

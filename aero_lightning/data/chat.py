@@ -182,6 +182,22 @@ def encode_chat(
     return EncodedChat(input_ids=input_ids, labels=labels, num_audio_tokens=list(num_audio_tokens))
 
 
+def ctc_target_mask(labels, end_of_turn_id: int):
+    """Mask of the CTC targets in ``labels``: the reply tokens without the end-of-turn token.
+
+    The auxiliary CTC term (:mod:`aero_lightning.model.ctc`) aligns the encoder frames with what the audio says, and
+    the audio does not say the template's end-of-turn token (``<|im_end|>``).
+
+    Args:
+        labels: ``(..., L)`` integer tensor of unshifted targets, -100 outside replies.
+        end_of_turn_id: id of the end-of-turn token.
+
+    Returns:
+        A bool tensor of the same shape.
+    """
+    return (labels != IGNORE_INDEX) & (labels != end_of_turn_id)
+
+
 def prompt_messages(messages: Sequence[dict]) -> list[dict]:
     """The messages up to (not including) the last assistant turn, for generation."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))

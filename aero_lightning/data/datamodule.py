@@ -19,8 +19,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from aero_lightning.data.chat import IGNORE_INDEX, encode_chat, prompt_messages
-from aero_lightning.data.packing import collate_padded
+from aero_lightning.data.chat import AUDIO_TOKEN, IGNORE_INDEX, ctc_target_mask, encode_chat, prompt_messages
+from aero_lightning.data.packing import batch_documents, collate_padded
 from aero_lightning.data.shard_reader import ShardPass, resolve_split, shard_sample_counts
 from aero_lightning.data.shards import read_manifest
 from aero_lightning.data.stream import TrainStream, identity, mixture_probs, pad_token_id
@@ -92,6 +92,16 @@ def target_tokens(batch: Mapping) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def ctc_target_tokens(batch: Mapping, audio_token_id: int, end_of_turn_id: int) -> int:
+    """Targets of the auxiliary CTC term in a batch: reply tokens but the end-of-turn token, in documents that hold
+    audio (the count :func:`aero_lightning.model.ctc.ctc_loss_sum` returns for the same batch)."""
+    total = 0
+    for ids, labels in batch_documents(batch["input_ids"], batch["labels"], batch.get("cu_seqlens")):
+        if bool((ids == audio_token_id).any()):
+            total += int(ctc_target_mask(labels, end_of_turn_id).sum())
+    return total
+
+
 class AccumulationGroups:
     """Iterable over a training DataLoader that tags every micro-batch with its accumulation group's token count.
 
@@ -100,18 +110,23 @@ class AccumulationGroups:
     trained) and ``group_index`` (0 for the first). :class:`~aero_lightning.lit_module.AeroLitModule` all-reduces
     the count over ranks at ``group_index == 0`` and normalises every micro-batch's summed loss by the global
     count, so the step's gradient is the mean over all target tokens of the global batch — the same whatever the
-    micro-batch size, accumulation and world size (NeMo PR 15648 and tiny-audio PR 63 fixed exactly this).
+    micro-batch size, accumulation and world size (NeMo PR 15648 and tiny-audio PR 63 fixed exactly this). With
+    ``ctc_token_ids`` the group's CTC targets are counted too (``group_ctc_tokens``), so the auxiliary CTC term is
+    normalised the same way.
 
     Args:
         loader: the training DataLoader (infinite).
         accumulate: ``trainer.accumulate_grad_batches``.
+        ctc_token_ids: ``(audio_token_id, end_of_turn_id)`` to count CTC targets (:func:`ctc_target_tokens`), or
+            None.
     """
 
-    def __init__(self, loader: DataLoader, accumulate: int = 1):
+    def __init__(self, loader: DataLoader, accumulate: int = 1, ctc_token_ids: tuple[int, int] | None = None):
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.loader = loader
         self.accumulate = int(accumulate)
+        self.ctc_token_ids = ctc_token_ids
 
     def __iter__(self):
         it = iter(self.loader)
@@ -120,8 +135,12 @@ class AccumulationGroups:
             if not group:
                 return
             total = sum(target_tokens(b) for b in group)
+            ctc = (
+                sum(ctc_target_tokens(b, *self.ctc_token_ids) for b in group) if self.ctc_token_ids else None
+            )
             for i, batch in enumerate(group):
                 batch["group_target_tokens"] = total
+                batch["group_ctc_tokens"] = ctc
                 batch["group_index"] = i
             yield from group
 
@@ -256,7 +275,13 @@ class AeroDataModule(L.LightningDataModule):
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
         trainer = getattr(self, "trainer", None)
-        return AccumulationGroups(loader, trainer.accumulate_grad_batches if trainer is not None else 1)
+        ids = (
+            self.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+            self.tokenizer.convert_tokens_to_ids(self.end_of_turn_token),
+        )
+        return AccumulationGroups(
+            loader, trainer.accumulate_grad_batches if trainer is not None else 1, ctc_token_ids=ids
+        )
 
     def _eval_loader(self, folder: str, for_generation: bool) -> DataLoader:
         self._require_model()

@@ -249,6 +249,17 @@ def collate_packed(samples: Sequence[dict], counter) -> dict[str, Any]:
     } | common
 
 
+def batch_documents(
+    input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, labels)`` of each document of a batch: the rows of a padded ``(B, L)`` batch, or the
+    ``cu_seqlens`` segments of a packed ``(1, L)`` row (padding stays in a padded row)."""
+    if cu_seqlens is None:
+        return list(zip(input_ids, labels))
+    bounds = cu_seqlens.tolist()
+    return [(input_ids[0, a:b], labels[0, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def make_collate(mode: str, counter, pad_id: int) -> Callable[[Sequence[dict]], dict[str, Any]]:
     """The collate function of a packing mode (``padded`` right-pads, ``packed`` concatenates).
 

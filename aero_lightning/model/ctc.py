@@ -15,29 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aero_lightning.data.chat import IGNORE_INDEX
+from aero_lightning.data.chat import ctc_target_mask
+from aero_lightning.data.packing import batch_documents
 
 __all__ = ["ctc_loss_sum", "ctc_target_mask"]
-
-
-def ctc_target_mask(labels: torch.Tensor, end_of_turn_id: int) -> torch.Tensor:
-    """Mask of the CTC targets in ``labels``: the reply tokens without the end-of-turn token.
-
-    Args:
-        labels: ``(B, L)`` unshifted targets, -100 outside replies.
-        end_of_turn_id: the chat template's end-of-turn token (``<|im_end|>``), which the audio does not say.
-
-    Returns:
-        ``(B, L)`` bool.
-    """
-    return (labels != IGNORE_INDEX) & (labels != end_of_turn_id)
-
-
-def _documents(input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    if cu_seqlens is None:  # a padded batch: one document per row
-        return list(zip(input_ids, labels))
-    bounds = cu_seqlens.tolist()
-    return [(input_ids[0, a:b], labels[0, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def ctc_loss_sum(
@@ -73,7 +54,7 @@ def ctc_loss_sum(
         (``zero_infinity``: an impossible alignment counts 0), and the long scalar count of their target tokens.
     """
     device = frame_logits.device
-    docs = _documents(input_ids, labels, cu_seqlens)
+    docs = batch_documents(input_ids, labels, cu_seqlens)
     slots = [int((ids == audio_token_id).sum()) for ids, _ in docs]
     per_window = tokens_per_window.tolist()
     valid = torch.arange(frame_logits.shape[1], device=device)[None, :] < frame_lengths.to(device)[:, None]

@@ -1,8 +1,9 @@
 """Script for tests/test_loss_normalisation.py: one optimizer step of the tiny model under Lightning, gradients saved.
 
-``python tests/helpers/ddp_grads.py TINY_DIR OUT.pt WORLD MICRO ACCUM``: the 4 documents of
+``python tests/helpers/ddp_grads.py TINY_DIR OUT.pt WORLD MICRO ACCUM [LOSS]``: the 4 documents of
 :func:`documents` are split over ``WORLD`` DDP processes (gloo, CPU), each rank training ``MICRO`` documents per
-micro-batch with ``ACCUM`` accumulation steps. Rank 0 writes the gradients seen before the optimizer step.
+micro-batch with ``ACCUM`` accumulation steps. ``LOSS`` is a key of :data:`LOSSES`: the LM loss alone (default),
+LM + auxiliary CTC, or CTC alone (encoder pre-training). Rank 0 writes the gradients seen before the optimizer step.
 Lightning's DDP launcher re-executes this file once per extra rank (``LOCAL_RANK`` set).
 """
 
@@ -29,14 +30,19 @@ DURATIONS_S = [0.5, 2.5, 1.0, 3.0]
 TEXTS = ["hello", "the cat sat on the mat with the lazy dog", "sea shells", "a quick brown fox jumps over it"]
 
 
-def build_model(tiny_dir: Path) -> AeroModel:
-    """The tiny model with a projector seeded identically in every process."""
+LOSSES = {"lm": {}, "lm_ctc": {"ctc_weight": 0.5}, "ctc_only": {"ctc_weight": 1.0, "ctc_only": True}}
+"""Model settings of each loss the normalisation tests check."""
+
+
+def build_model(tiny_dir: Path, **model_kwargs) -> AeroModel:
+    """The tiny model with a projector (and CTC head) seeded identically in every process."""
     torch.manual_seed(0)
     return build_aero_model(
         encoder={"name_or_path": str(tiny_dir / "encoder")},
         llm={"name_or_path": str(tiny_dir / "llm")},
         projector=functools.partial(MLPStackProjector, stack_factor=4, hidden_dim=128),
         attn_implementation="varlen",
+        **model_kwargs,
     )
 
 
@@ -85,10 +91,17 @@ class _Iterable:
 
 
 def run(
-    tiny_dir: Path, world: int, micro: int, accum: int, rank: int = 0, grouped: bool = True, strategy="auto"
+    tiny_dir: Path,
+    world: int,
+    micro: int,
+    accum: int,
+    rank: int = 0,
+    grouped: bool = True,
+    strategy="auto",
+    loss: str = "lm",
 ):
     """One optimizer step; returns the captured gradients of this rank."""
-    model = build_model(tiny_dir)
+    model = build_model(tiny_dir, **LOSSES[loss])
     docs = documents(model)
     mine = docs[rank * len(docs) // world : (rank + 1) * len(docs) // world]
     batches = [
@@ -109,14 +122,16 @@ def run(
         callbacks=[capture],
         use_distributed_sampler=False,
     )
-    loader = AccumulationGroups(batches, accum) if grouped else _Iterable(batches)
+    ids = (model.audio_token_id, model.end_of_turn_id)
+    loader = AccumulationGroups(batches, accum, ctc_token_ids=ids) if grouped else _Iterable(batches)
     trainer.fit(AeroLitModule(model, lr=0.0, warmup_steps=0), train_dataloaders=loader)
     return capture.grads
 
 
 if __name__ == "__main__":
     tiny, out, world, micro, accum = Path(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:6])
+    loss = sys.argv[6] if len(sys.argv) > 6 else "lm"
     rank = int(os.environ.get("LOCAL_RANK", 0))
-    grads = run(tiny, world, micro, accum, rank=rank, strategy="ddp" if world > 1 else "auto")
+    grads = run(tiny, world, micro, accum, rank=rank, strategy="ddp" if world > 1 else "auto", loss=loss)
     if rank == 0:
         torch.save(grads, out)
