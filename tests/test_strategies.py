@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.fabric.strategies.deepspeed import _format_precision_config
 
 from aero_lightning.data.packing import collate_packed
-from aero_lightning.model.build import build_aero_model
+from aero_lightning.model.build import build_aero_model, checkpoint_kind, load_model, sharded_model_weights
 from aero_lightning.model.projector import MLPStackProjector
 from aero_lightning.strategies import (
     FSDP2AeroLitModule,
@@ -53,10 +54,12 @@ def _train(
     accum: int,
     precision="32-true",
     extensions_dir: Path | None = None,
+    run_dir: Path | None = None,
 ):
     """tests/helpers/dist_train.py in a subprocess (Lightning launches the extra ranks); rank 0's capture.
 
     ``extensions_dir``: ``TORCH_EXTENSIONS_DIR`` of the run, where a DeepSpeed JIT op build would land.
+    ``run_dir``: save the trained model there as a run folder (dist_train.save_run).
     """
     env = {
         k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")
@@ -72,6 +75,7 @@ def _train(
         str(STEPS),
         str(LR),
         precision,
+        *([str(run_dir)] if run_dir is not None else []),
     ]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "helpers" / "dist_train.py"), *args],
@@ -126,10 +130,38 @@ def test_ddp_two_processes_equal_one_process(tiny_dir, reference, tmp_path):
     assert ddp["generated"] == reference["generated"]
 
 
-def test_fsdp2_two_processes_train_like_one(tiny_dir, reference, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp2_run(tiny_dir, tmp_path_factory):
+    """FSDP2, 2 gloo processes, 2 documents each; the trained model saved as a run folder."""
+    root = tmp_path_factory.mktemp("fsdp2")
+    result = _train(tiny_dir, root / "fsdp2.pt", "fsdp2", world=2, micro=2, accum=1, run_dir=root / "run")
+    return result, root / "run"
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_dir, tmp_path_factory):
+    """ZeRO-3 (every parameter partitioned), 2 gloo processes x 2 accumulation steps of 1 document, with an empty
+    TORCH_EXTENSIONS_DIR; the trained model saved as a run folder."""
+    root = tmp_path_factory.mktemp("zero3")
+    extensions = root / "torch_extensions"
+    extensions.mkdir()
+    result = _train(
+        tiny_dir,
+        root / "zero3.pt",
+        "deepspeed_zero3",
+        world=2,
+        micro=1,
+        accum=2,
+        extensions_dir=extensions,
+        run_dir=root / "run",
+    )
+    return result, root / "run", extensions
+
+
+def test_fsdp2_two_processes_train_like_one(fsdp2_run, reference):
     """FSDP2 (per-layer fully_shard), 2 gloo processes: parameters are sharded DTensors, the loss falls, and every
     step's loss and the full gradients equal the single-process run."""
-    fsdp = _train(tiny_dir, tmp_path / "fsdp2.pt", "fsdp2", world=2, micro=2, accum=1)
+    fsdp, _ = fsdp2_run
     assert fsdp["sharded"] and all(fsdp["sharded"].values())
     assert fsdp["params"] == reference["params"]  # FLOP counting sees the full (global) parameter sizes
     assert fsdp["losses"][2] < fsdp["losses"][0]
@@ -157,23 +189,12 @@ def test_deepspeed_zero2_two_processes_with_accumulation_equal_one_process(tiny_
 
 
 @needs_deepspeed
-def test_deepspeed_zero3_two_processes_with_accumulation_equal_one_process(tiny_dir, reference, tmp_path):
+def test_deepspeed_zero3_two_processes_with_accumulation_equal_one_process(zero3_run, reference):
     """ZeRO-3 over 2 gloo processes x 2 accumulation steps, every parameter partitioned (persistence threshold 0):
     the reference losses, gradients and greedy tokens. The LM head weight is partitioned, so the chunked loss must
     project through the head module (its ZeRO-3 hooks gather the weight), also when a chunk is recomputed in the
-    backward pass; the encoder's position table likewise. FLOP counting sees the full parameter sizes (ds_numel),
-    not the empty local tensors."""
-    extensions = tmp_path / "torch_extensions"
-    extensions.mkdir()
-    zero3 = _train(
-        tiny_dir,
-        tmp_path / "zero3.pt",
-        "deepspeed_zero3",
-        world=2,
-        micro=1,
-        accum=2,
-        extensions_dir=extensions,
-    )
+    backward pass. FLOP counting sees the full parameter sizes (ds_numel), not the empty local tensors."""
+    zero3, _, extensions = zero3_run
     assert sorted(p.name for p in extensions.rglob("*")) == []
     assert zero3["sharded"] and all(zero3["sharded"].values())
     assert zero3["local_numel"] == 0  # partitioned: rank 0 holds no whole parameter outside a forward
@@ -182,6 +203,38 @@ def test_deepspeed_zero3_two_processes_with_accumulation_equal_one_process(tiny_
     _close_grads(zero3["grads"], reference["grads"])
     assert zero3["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     assert zero3["generated"] == reference["generated"]
+
+
+@pytest.mark.parametrize(
+    ("run", "kind"),
+    [("fsdp2_run", "distributed"), pytest.param("zero3_run", "deepspeed", marks=needs_deepspeed)],
+)
+def test_load_model_consolidates_sharded_checkpoints(run, kind, request, tmp_path):
+    """The trained model, saved by the strategy as a folder of shards (FSDP2: torch.distributed.checkpoint;
+    ZeRO-3: DeepSpeed), loads for inference through load_model with exactly the weights it had after training
+    (gathered by the training script): from the checkpoint folder, from the run folder, and from a run folder whose
+    last.ckpt is a link to the step folder (save_last: link)."""
+    run_dir = request.getfixturevalue(run)[1]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint_kind(last) == kind
+    trained = torch.load(run_dir / "full_state.pt")
+    weights, step = sharded_model_weights(last)
+    assert step == STEPS
+    assert weights.keys() == trained.keys() and len(trained) == 68
+    for name, value in trained.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=0, msg=name)
+
+    linked = tmp_path / "linked"
+    (linked / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", linked / "config.yaml")
+    shutil.copytree(last, linked / "checkpoints" / "step0000003.ckpt")
+    (linked / "checkpoints" / "last.ckpt").symlink_to("step0000003.ckpt")  # relative, as Lightning links
+    for source in (last, run_dir, linked):
+        model = load_model(source, device="cpu")
+        state = model.state_dict()
+        assert state.keys() == trained.keys(), source
+        for name, value in trained.items():
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=f"{source}: {name}")
 
 
 @needs_deepspeed

@@ -8,9 +8,11 @@
 - :func:`save_pretrained` / :func:`from_pretrained`: a self-describing folder (``encoder/``, ``llm/`` with the
   tokenizer, ``projector.safetensors``, ``aero_config.json``).
 - :func:`load_model`: a model for inference from a Lightning checkpoint, a run folder or a ``save_pretrained``
-  folder. A Lightning ``.ckpt`` is rebuilt from the run's ``config.yaml`` (written by
+  folder. A Lightning checkpoint is rebuilt from the run's ``config.yaml`` (written by
   :func:`aero_lightning.tasks.train.train` into the run folder; checkpoints live in ``<run>/checkpoints/``), looked
   up next to the file and one and two folders above it; its weights are ``state_dict`` entries prefixed ``model.``.
+  The checkpoint is a ``.ckpt`` file, or a folder of shards that is consolidated in memory: an FSDP2 distributed
+  checkpoint (``torch.distributed.checkpoint``) or a DeepSpeed ZeRO checkpoint (fp32 master weights).
   The config's encoder and LLM checkpoints must still be reachable. Training-only switches are turned off for
   inference: Liger kernels, activation checkpointing, ``init_from``.
 """
@@ -43,6 +45,9 @@ __all__ = [
     "ENCODER_TYPES",
     "build_aero_model",
     "check_architecture",
+    "checkpoint_kind",
+    "deepspeed_checkpoint_state_dict",
+    "distributed_checkpoint_state_dict",
     "ensure_audio_tokens",
     "find_run_config",
     "from_pretrained",
@@ -52,6 +57,7 @@ __all__ = [
     "load_weights_from",
     "resolve_checkpoint",
     "save_pretrained",
+    "sharded_model_weights",
 ]
 
 ENCODER_TYPES = ("whisper", *SSL_TYPES)
@@ -224,15 +230,43 @@ def build_aero_model(
 # ------------------------------------------------------------------------------ checkpoints of runs
 
 
-def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
-    """The checkpoint file or ``save_pretrained`` folder that ``ckpt`` names.
+SHARDED_KINDS = ("distributed", "deepspeed")
+"""Checkpoint folders with one shard per rank that :func:`sharded_model_weights` consolidates."""
 
-    Accepts a ``save_pretrained`` folder (holds ``aero_config.json``), a Lightning ``.ckpt`` file, or a run folder
-    (``checkpoints/last.ckpt``).
+
+def checkpoint_kind(path: Path) -> str | None:
+    """What a checkpoint path holds (symbolic links are followed).
+
+    Returns:
+        ``"lightning"`` (a ``.ckpt`` file), ``"pretrained"`` (a :func:`save_pretrained` folder: ``aero_config.json``),
+        ``"distributed"`` (a ``torch.distributed.checkpoint`` folder: ``.metadata`` and one ``*.distcp`` per rank,
+        written by Lightning's ``ModelParallelStrategy``, i.e. FSDP2, with ``save_distributed_checkpoint``),
+        ``"deepspeed"`` (a DeepSpeed checkpoint folder, any ZeRO stage: a ``latest`` file naming the tag folder, or a
+        ``checkpoint/`` tag folder as Lightning's ``DeepSpeedStrategy`` writes it), or None for anything else.
+    """
+    if path.is_file():
+        return "lightning"
+    if not path.is_dir():
+        return None
+    if (path / "aero_config.json").is_file():
+        return "pretrained"
+    if (path / ".metadata").is_file():
+        return "distributed"
+    if (path / "latest").is_file() or (path / "checkpoint").is_dir():
+        return "deepspeed"
+    return None
+
+
+def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
+    """The checkpoint that ``ckpt`` names: a file or folder of a kind :func:`checkpoint_kind` knows.
+
+    Accepts a Lightning ``.ckpt`` file, a sharded checkpoint folder (FSDP2 distributed checkpoint, DeepSpeed ZeRO), a
+    ``save_pretrained`` folder, or a run folder, meaning its ``checkpoints/last.ckpt`` (any of these kinds, or a
+    symbolic link to one, as ``save_last: link`` writes it). The path is returned as given, not with links resolved.
 
     Raises:
-        FileNotFoundError: if ``ckpt`` does not exist, or a run folder has no ``checkpoints/last.ckpt``.
-        ValueError: for a DeepSpeed checkpoint folder (sharded; convert it first, the message says how).
+        FileNotFoundError: if ``ckpt`` does not exist, ``checkpoints/last.ckpt`` is a link to a missing checkpoint,
+            or the folder is none of the above.
     """
     path = Path(ckpt).expanduser()
     if not path.exists():
@@ -240,21 +274,16 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
             f"checkpoint {path} does not exist; give a Lightning .ckpt, a training run folder (with "
             "checkpoints/last.ckpt) or a folder written by save_pretrained"
         )
-    if path.is_file() or (path / "aero_config.json").is_file():
+    if checkpoint_kind(path) is not None:
         return path
-    if (path / "checkpoints" / "last.ckpt").is_dir():  # a DeepSpeed run folder: last.ckpt is itself a folder
-        path = path / "checkpoints" / "last.ckpt"
-    if (path / "checkpoint").is_dir() or (path / "latest").is_file():
-        raise ValueError(
-            f'{path} is a DeepSpeed checkpoint folder (sharded). Convert it to one file first: python -c "from '
-            "lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict as c; "
-            f"c('{path}', '{path}.fp32.ckpt')\", then pass ckpt={path}.fp32.ckpt"
-        )
     last = path / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    if last.is_symlink() and not last.exists():
+        raise FileNotFoundError(f"{last} is a link to {os.readlink(last)}, which does not exist")
+    if checkpoint_kind(last) is not None:
         return last
     raise FileNotFoundError(
-        f"{path} is a folder without aero_config.json (save_pretrained) or checkpoints/last.ckpt (training run)"
+        f"{path} is a folder without aero_config.json (save_pretrained), checkpoints/last.ckpt (training run), "
+        ".metadata (FSDP2 distributed checkpoint) or latest (DeepSpeed checkpoint)"
     )
 
 
@@ -285,12 +314,123 @@ def lightning_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], int | 
     state = torch.load(path, map_location="cpu", weights_only=False)
     if "state_dict" not in state:
         raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
-    weights = {
-        k[len(MODEL_PREFIX) :]: v for k, v in state["state_dict"].items() if k.startswith(MODEL_PREFIX)
-    }
+    return _model_prefixed(state["state_dict"], path), state.get("global_step")
+
+
+def _model_prefixed(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The :data:`MODEL_PREFIX` entries of a LightningModule state dict, prefix removed.
+
+    Raises:
+        ValueError: if there is none.
+    """
+    weights = {k[len(MODEL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
     if not weights:
         raise ValueError(f"{path} holds no weights under the prefix {MODEL_PREFIX!r}")
-    return weights, state.get("global_step")
+    return weights
+
+
+def distributed_checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The LightningModule ``state_dict`` of a ``torch.distributed.checkpoint`` folder, whole, on the CPU.
+
+    Lightning's ``ModelParallelStrategy`` saves ``{"state_dict": module state dict, "optimizer_0": ...}`` with
+    ``torch.distributed.checkpoint`` (its non-tensor state goes to ``meta.pt``); the storage metadata names every
+    tensor ``state_dict.<name>`` with its global size and dtype. Only those tensors are read, into whole tensors
+    allocated here, in this process alone (``no_dist``): the optimizer states, twice the model in fp32 for Adam,
+    are never loaded, and nothing is written to disk (``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``
+    and Lightning's ``consolidate_checkpoint`` write the whole checkpoint, optimizer states included, to a file).
+
+    Args:
+        path: the checkpoint folder (``.metadata``, ``__<rank>_0.distcp``).
+
+    Returns:
+        ``{name: tensor}`` with the LightningModule's names (``model.encoder...``).
+
+    Raises:
+        ValueError: if the checkpoint holds no ``state_dict`` tensors.
+    """
+    import warnings
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(path))
+    prefix = "state_dict."
+    state = {
+        key[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        raise ValueError(
+            f"{path} is a distributed checkpoint without 'state_dict' tensors: not a Lightning Trainer's"
+        )
+    with warnings.catch_warnings():  # single-process loading is the intent here
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        dcp_load({"state_dict": state}, storage_reader=reader, no_dist=True)  # fills the tensors in place
+    return state
+
+
+def deepspeed_checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The LightningModule ``state_dict`` of a DeepSpeed checkpoint folder (ZeRO stage 1, 2 or 3), fp32, on the CPU.
+
+    DeepSpeed's own consolidation (``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``)
+    reassembles the fp32 master weights from every rank's optimizer partition (the same as Lightning's
+    ``convert_zero_checkpoint_to_fp32_state_dict``, without writing a file); a ``_forward_module.`` prefix (a
+    wrapped module) is removed.
+
+    Args:
+        path: the folder Lightning's ``DeepSpeedStrategy`` saved (``latest`` and the ``checkpoint/`` tag folder).
+
+    Raises:
+        ImportError: if deepspeed is not installed.
+    """
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as err:
+        raise ImportError(
+            f"{path} is a DeepSpeed checkpoint; reading it needs the deepspeed package (pip install -e '.[deepspeed]')"
+        ) from err
+    tag = None if (path / "latest").is_file() else "checkpoint"
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    return {k.removeprefix("_forward_module."): v for k, v in state.items()}
+
+
+def _sharded_step(path: Path, kind: str) -> int | None:
+    """``global_step`` of a sharded checkpoint (Lightning's client state), None when not found."""
+    if kind == "distributed":
+        files = [path / "meta.pt"]
+    else:  # DeepSpeed: the client state rides in the model-states files (memory-mapped: only the step is read)
+        files = sorted(path.glob("*/*mp_rank_00_model_states.pt"))
+    for file in files[:1]:
+        if file.is_file():
+            return torch.load(file, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    return None
+
+
+def sharded_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The :class:`AeroModel` weights of a sharded checkpoint folder, consolidated in memory, and its step.
+
+    Args:
+        path: an FSDP2 distributed checkpoint or a DeepSpeed ZeRO folder (:func:`checkpoint_kind`).
+
+    Returns:
+        ``({name as in AeroModel.state_dict(): tensor}, global_step or None)``.
+
+    Raises:
+        ValueError: if ``path`` is not a sharded checkpoint or holds no model weights.
+        ImportError: see :func:`deepspeed_checkpoint_state_dict`.
+    """
+    kind = checkpoint_kind(path)
+    if kind == "distributed":
+        state = distributed_checkpoint_state_dict(path)
+    elif kind == "deepspeed":
+        state = deepspeed_checkpoint_state_dict(path)
+    else:
+        raise ValueError(f"{path} is not a sharded checkpoint folder (kind {kind})")
+    return _model_prefixed(state, path), _sharded_step(path, kind)
 
 
 def load_weights_from(model: nn.Module, ckpt: str | os.PathLike, include: Sequence[str]) -> list[str]:
@@ -298,8 +438,8 @@ def load_weights_from(model: nn.Module, ckpt: str | os.PathLike, include: Sequen
 
     Args:
         model: the model to update in place.
-        ckpt: a Lightning ``.ckpt`` of :class:`~aero_lightning.lit_module.AeroLitModule` or its run folder
-            (``checkpoints/last.ckpt``).
+        ckpt: a Lightning checkpoint (file or sharded folder) of :class:`~aero_lightning.lit_module.AeroLitModule`
+            or its run folder (``checkpoints/last.ckpt``).
         include: regexes over the model's parameter and buffer names (``"^encoder\\."``, ``"^ctc_head\\."``).
 
     Returns:
@@ -311,9 +451,10 @@ def load_weights_from(model: nn.Module, ckpt: str | os.PathLike, include: Sequen
             or a matching weight's shape differs.
     """
     path = resolve_checkpoint(ckpt)
-    if path.is_dir():
+    kind = checkpoint_kind(path)
+    if kind == "pretrained":
         raise ValueError(f"init_from needs a Lightning checkpoint of a training run, got the folder {path}")
-    source, _ = lightning_model_weights(path)
+    source, _ = sharded_model_weights(path) if kind in SHARDED_KINDS else lightning_model_weights(path)
     own = model.state_dict()
     patterns = [re.compile(p) for p in include]
     picked = {k: v for k, v in source.items() if k in own and any(p.search(k) for p in patterns)}
@@ -411,7 +552,9 @@ def load_model(
     """Load an :class:`AeroModel` for inference (eval mode, no gradients).
 
     Args:
-        ckpt: a Lightning ``.ckpt``, a run folder, or a ``save_pretrained`` folder (:func:`resolve_checkpoint`).
+        ckpt: a Lightning ``.ckpt``, a sharded checkpoint folder (FSDP2 distributed checkpoint or DeepSpeed ZeRO,
+            any stage; consolidated in memory by :func:`sharded_model_weights`), a run folder, or a
+            ``save_pretrained`` folder (:func:`resolve_checkpoint`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; None = CUDA when available, else CPU.
         dtype: ``"float32"``, ``"bfloat16"``, ...; None keeps the loaded dtype (float32 for the demo).
         config: the run's ``config.yaml`` when it is not next to the checkpoint.
@@ -421,17 +564,22 @@ def load_model(
         The model on ``device``, in eval mode.
 
     Raises:
-        FileNotFoundError, ValueError: see :func:`resolve_checkpoint` and :func:`find_run_config`.
+        FileNotFoundError, ValueError, ImportError: see :func:`resolve_checkpoint`, :func:`find_run_config` and
+            :func:`sharded_model_weights`.
         RuntimeError: if the checkpoint's weights do not fit the config's model (missing or unexpected keys).
     """
     path = resolve_checkpoint(ckpt)
-    if path.is_dir():
+    kind = checkpoint_kind(path)
+    if kind == "pretrained":
         model = from_pretrained(path, attn_implementation=attn_implementation or "sdpa")
         source = f"save_pretrained folder {path}"
     else:
         config_file = Path(config) if config is not None else find_run_config(path)
         model = _model_from_config(config_file, attn_implementation)
-        weights, step = lightning_model_weights(path)
+        if kind in SHARDED_KINDS:
+            weights, step = sharded_model_weights(path)
+        else:
+            weights, step = lightning_model_weights(path)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise RuntimeError(

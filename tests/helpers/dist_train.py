@@ -1,8 +1,9 @@
 """Script for tests/test_strategies.py: a few optimizer steps of the tiny model under a distributed strategy on CPU.
 
-``python tests/helpers/dist_train.py TINY_DIR OUT.pt STRATEGY WORLD MICRO ACCUM STEPS LR [PRECISION]``: the 4 documents of
-:func:`ddp_grads.documents` are split over ``WORLD`` processes (gloo), each rank training ``MICRO`` documents per
-micro-batch with ``ACCUM`` accumulation steps; the same global batch is trained ``STEPS`` times with AdamW at ``LR``.
+``python tests/helpers/dist_train.py TINY_DIR OUT.pt STRATEGY WORLD MICRO ACCUM STEPS LR [PRECISION [RUN_DIR]]``:
+the 4 documents of :func:`ddp_grads.documents` are split over ``WORLD`` processes (gloo), each rank training ``MICRO``
+documents per micro-batch with ``ACCUM`` accumulation steps; the same global batch is trained ``STEPS`` times with
+AdamW at ``LR``.
 ``STRATEGY`` is ``auto`` (one process), ``ddp``, ``fsdp2`` (:class:`~aero_lightning.strategies.FSDP2Strategy`),
 ``deepspeed`` (:class:`~aero_lightning.strategies.AeroDeepSpeedStrategy`, ZeRO-2), ``deepspeed_zero3`` (the same at
 stage 3, every parameter partitioned) or ``deepspeed_stock`` (Lightning's own ``DeepSpeedStrategy``, ZeRO-2). The
@@ -11,7 +12,8 @@ its shared-memory allreduce kernel (a C++ build, :func:`skip_shm_op_build`). Ran
 ``{"grads": first step's full gradients, "losses": global-batch loss per step, "sharded": {name: parameter is a
 DTensor or ZeRO-3 partition}, "params": flops.count_params of the model as the strategy holds it (as a dict),
 "local_numel": parameter elements held by rank 0 at the start of training, "generated": greedy ids of 4 new tokens
-for documents 0-1 after training}``.
+for documents 0-1 after training}``. With ``RUN_DIR`` the trained model is saved there as a run folder
+(:func:`save_run`).
 Lightning's launcher re-executes this file once per extra rank (``LOCAL_RANK`` set).
 """
 
@@ -29,6 +31,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
+from omegaconf import OmegaConf
 
 from aero_lightning.data.datamodule import AccumulationGroups, AsrCollator  # noqa: E402
 from aero_lightning.data.packing import collate_packed  # noqa: E402
@@ -178,8 +181,10 @@ def run(
     lr: float,
     rank: int = 0,
     precision: str = "32-true",
+    run_dir: Path | None = None,
 ):
-    """Train ``steps`` optimizer steps; returns this rank's :class:`Capture`."""
+    """Train ``steps`` optimizer steps; returns this rank's :class:`Capture`. With ``run_dir``, the trained model
+    is also saved there (:func:`save_run`)."""
     model = build_model(tiny_dir)
     docs = documents(model)
     mine = docs[rank * len(docs) // world : (rank + 1) * len(docs) // world]
@@ -206,8 +211,55 @@ def run(
     loader = AccumulationGroups([dict(b) for _ in range(steps) for b in batches], accum)
     module = FSDP2AeroLitModule(model, lr=lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0)
     trainer.fit(module, train_dataloaders=loader)
+    if run_dir is not None:
+        save_run(trainer, module, tiny_dir, run_dir)
     capture.generated = generate(module.model, docs[:2] if rank == 0 else docs[2:])
     return capture
+
+
+def full_state_dict(trainer: L.Trainer, module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """The whole weights of ``module.model`` as it is after training, on CPU, named as in
+    ``AeroModel.state_dict()`` (a collective: every rank calls it; rank 0's result is the one to keep).
+
+    ZeRO-3 parameters are gathered from their partitions (``GatheredParameters``), FSDP2 DTensors through
+    ``get_model_state_dict(full_state_dict=True)``; other strategies hold whole parameters.
+    """
+    model = module.model
+    if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if isinstance(trainer.strategy, FSDP2Strategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def save_run(trainer: L.Trainer, module: L.LightningModule, tiny_dir: Path, run_dir: Path) -> None:
+    """A run folder as train.py leaves it, for load_model: ``checkpoints/last.ckpt`` saved by the strategy (a
+    folder for ZeRO and FSDP2), ``config.yaml`` with the model section, and ``full_state.pt``, the trained
+    weights gathered here to compare with what load_model reads back."""
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    full = full_state_dict(trainer, module)
+    if trainer.global_rank == 0:
+        model_cfg = {
+            "_target_": "aero_lightning.model.build.build_aero_model",
+            "encoder": {"name_or_path": str(tiny_dir / "encoder")},
+            "llm": {"name_or_path": str(tiny_dir / "llm")},
+            "projector": {
+                "_target_": "aero_lightning.model.projector.MLPStackProjector",
+                "_partial_": True,
+                "stack_factor": 4,
+                "hidden_dim": 128,
+            },
+            "attn_implementation": "varlen",
+        }  # build_model's model
+        OmegaConf.save(OmegaConf.create({"model": model_cfg}), run_dir / "config.yaml")
+        torch.save(full, run_dir / "full_state.pt")
+    trainer.strategy.barrier()
 
 
 @torch.no_grad()
@@ -228,8 +280,11 @@ if __name__ == "__main__":
     world, micro, accum, steps = map(int, sys.argv[4:8])
     lr = float(sys.argv[8])
     precision = sys.argv[9] if len(sys.argv) > 9 else "32-true"
+    run_dir = Path(sys.argv[10]) if len(sys.argv) > 10 else None
     rank = int(os.environ.get("LOCAL_RANK", 0))
-    capture = run(tiny, strategy, world, micro, accum, steps, lr, rank=rank, precision=precision)
+    capture = run(
+        tiny, strategy, world, micro, accum, steps, lr, rank=rank, precision=precision, run_dir=run_dir
+    )
     if rank == 0:
         result = {"grads": capture.grads, "losses": capture.losses, "sharded": capture.sharded}
         result |= {"params": capture.params, "local_numel": capture.local_numel}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers.aero_runs import write_lightning_run
 
-from aero_lightning.model.build import load_model, resolve_checkpoint, save_pretrained
+from aero_lightning.model.build import checkpoint_kind, load_model, resolve_checkpoint, save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,38 @@ def test_weights_that_do_not_fit_the_config_are_rejected(run, tmp_path):
 
 
 @pytest.mark.parametrize("given", ["run", "last.ckpt"])
-def test_deepspeed_checkpoint_folder_asks_for_conversion(tmp_path, given):
-    # a DeepSpeed run: checkpoints/last.ckpt is a folder of shards with a `checkpoint/` subfolder
+@pytest.mark.parametrize(("marker", "kind"), [("checkpoint/", "deepspeed"), (".metadata", "distributed")])
+def test_sharded_checkpoint_folders_are_resolved_not_refused(tmp_path, given, marker, kind):
+    """A DeepSpeed run's checkpoints/last.ckpt is a folder with a `checkpoint/` tag folder, an FSDP2 run's one with
+    `.metadata` (torch.distributed.checkpoint): both are checkpoints load_model consolidates (tests/test_strategies.py
+    loads real ones), no longer refused."""
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    (last / "checkpoint").mkdir(parents=True)
-    with pytest.raises(ValueError, match="convert_zero_checkpoint_to_fp32_state_dict"):
-        resolve_checkpoint(tmp_path / "run" if given == "run" else last)
+    last.mkdir(parents=True)
+    if marker.endswith("/"):
+        (last / marker).mkdir()
+    else:
+        (last / marker).write_bytes(b"")
+    assert resolve_checkpoint(tmp_path / "run" if given == "run" else last) == last
+    assert checkpoint_kind(last) == kind
+
+
+def test_last_ckpt_link_is_followed(run, tmp_path):
+    """save_last: link makes checkpoints/last.ckpt a relative symbolic link to the newest step checkpoint:
+    resolve_checkpoint keeps the link path (config.yaml is found from it) and load_model reads the step file. A link
+    whose target was deleted is named in the error."""
+    run_dir, ckpt = run
+    linked = tmp_path / "linked"
+    (linked / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", linked / "config.yaml")
+    shutil.copy(ckpt, linked / "checkpoints" / "step0000002.ckpt")
+    last = linked / "checkpoints" / "last.ckpt"
+    last.symlink_to("step0000002.ckpt")
+    assert resolve_checkpoint(linked) == last and checkpoint_kind(last) == "lightning"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    for name, value in load_model(linked, device="cpu").state_dict().items():
+        torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0)
+    (linked / "checkpoints" / "step0000002.ckpt").unlink()
+    with pytest.raises(
+        FileNotFoundError, match="last.ckpt is a link to step0000002.ckpt, which does not exist"
+    ):
+        resolve_checkpoint(linked)
