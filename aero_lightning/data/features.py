@@ -59,11 +59,15 @@ class LogMelSpectrogram(nn.Module):
 
     Args:
         num_mel_bins: Mel bins: 80 (Whisper up to large-v2) or 128 (large-v3).
+        pad_to_window: also return the frames of the zero padding up to 30 s, with the values HF's extractor gives
+            them (the floor of ``max - 8`` in log10 units and the frames that overlap the clip's end), for encoders
+            that run on exactly 3000 frames (``padding_free: false``). False: only each clip's own frames.
     """
 
-    def __init__(self, num_mel_bins: int = 80) -> None:
+    def __init__(self, num_mel_bins: int = 80, pad_to_window: bool = False) -> None:
         super().__init__()
         self.num_mel_bins = num_mel_bins
+        self.pad_to_window = bool(pad_to_window)
         # Same call as WhisperFeatureExtractor.__init__.
         filters = mel_filter_bank(
             num_frequency_bins=1 + N_FFT // 2,
@@ -97,8 +101,9 @@ class LogMelSpectrogram(nn.Module):
             lengths: ``(B,)`` integer count of valid samples per row, each ``<= N``.
 
         Returns:
-            ``features``: ``(B, n_mels, T)`` float32 log-mel, ``T = num_frames(max(lengths))``; frames at or beyond
-            a row's frame length are 0.0.
+            ``features``: ``(B, n_mels, T)`` float32 log-mel, ``T = num_frames(max(lengths))`` (at least 3000 with
+            ``pad_to_window``); frames at or beyond a row's frame length are 0.0 (with ``pad_to_window``, frames
+            up to 3000 hold the 30 s padding's log-mel, as in ``WhisperFeatureExtractor``).
             ``frame_lengths``: ``(B,)`` int64 valid frames per row, ``num_frames(lengths)``.
 
         Raises:
@@ -117,6 +122,8 @@ class LogMelSpectrogram(nn.Module):
             raise ValueError(f"a length ({max_len}) exceeds the waveform width ({waveforms.shape[1]})")
         frame_lengths = num_frames(lengths)  # (B,)
         num_out = num_frames(max_len)
+        if self.pad_to_window:
+            num_out = max(num_out, WINDOW_FRAMES)
 
         # HF's signal for row i: audio, zeros up to padded_i = max(length_i, 30 s), reflect-padded by N_FFT // 2
         # at both ends (torch.stft center=True on the padded clip).
@@ -156,6 +163,9 @@ class LogMelSpectrogram(nn.Module):
         row_max = log_spec.masked_fill(~in_stats, float("-inf")).amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
         log_spec = torch.maximum(log_spec[..., :num_out], row_max - 8.0)  # (B, n_mels, T)
         features = (log_spec + 4.0) / 4.0
-        valid = (frame_idx[:num_out] < frame_lengths[:, None])[:, None, :]  # (B, 1, T)
+        if self.pad_to_window:  # HF's values in the padding up to 30 s (frames past a longer row's end: 0.0)
+            valid = (frame_idx[:num_out] < frame_lengths.clamp(min=WINDOW_FRAMES)[:, None])[:, None, :]
+        else:
+            valid = (frame_idx[:num_out] < frame_lengths[:, None])[:, None, :]  # (B, 1, T)
         features = features.masked_fill(~valid, 0.0)
         return features, frame_lengths

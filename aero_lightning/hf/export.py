@@ -290,6 +290,7 @@ def export(
         num_mel_bins=model.encoder.num_mel_bins,
         encoder_downsample=model.audio_token_counter().encoder_downsample,
         projector_downsample=model.projector.downsample,
+        pad_to_window=not model.encoder.padding_free,
     )
     fe.save_pretrained(out)
     pre = out / "preprocessor_config.json"

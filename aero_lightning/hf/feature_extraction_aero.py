@@ -25,6 +25,8 @@ class AeroFeatureExtractor(FeatureExtractionMixin):
         projector_downsample: encoder frames per LLM token (the projector's stack or pool factor).
         sampling_rate: expected input rate in Hz (16 000).
         window_samples: samples per encoder window (480 000 = 30 s).
+        pad_to_window: also give each window the log-mel of its zero padding up to 30 s, as
+            ``WhisperFeatureExtractor`` does, for a model exported with ``padding_free: false``.
     """
 
     model_input_names = ["input_features", "feature_lengths"]
@@ -36,6 +38,7 @@ class AeroFeatureExtractor(FeatureExtractionMixin):
         projector_downsample: int = 2,
         sampling_rate: int = SAMPLE_RATE_HZ,
         window_samples: int = WINDOW_SAMPLES,
+        pad_to_window: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -44,6 +47,7 @@ class AeroFeatureExtractor(FeatureExtractionMixin):
         self.projector_downsample = int(projector_downsample)
         self.sampling_rate = int(sampling_rate)
         self.window_samples = int(window_samples)
+        self.pad_to_window = bool(pad_to_window)
         self._log_mel = None
 
     def to_dict(self) -> dict:
@@ -110,7 +114,9 @@ class AeroFeatureExtractor(FeatureExtractionMixin):
         for i, w in enumerate(windows):
             audio[i, : len(w)] = torch.from_numpy(np.ascontiguousarray(w))
         if self._log_mel is None:
-            self._log_mel = LogMelSpectrogram(num_mel_bins=self.num_mel_bins)
+            self._log_mel = LogMelSpectrogram(
+                num_mel_bins=self.num_mel_bins, pad_to_window=self.pad_to_window
+            )
         features, feature_lengths = self._log_mel(audio, lengths)  # (W, n_mels, T), (W,)
         data = {
             "input_features": features,

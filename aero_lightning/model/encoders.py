@@ -54,12 +54,14 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
         """Encode a batch of windows of different lengths.
 
         Args:
-            input_features: ``(W, num_mel_bins, T)`` log-mel windows, ``T <= 3000`` frames; frames past a
-                window's length are ignored (they may hold anything).
+            input_features: ``(W, num_mel_bins, T)`` log-mel windows, ``T <= 3000`` frames. Padding-free, frames
+                past a window's length are ignored (they may hold anything). Otherwise every frame is used as
+                given: for HF's exact output pass the 3000 frames of ``LogMelSpectrogram(pad_to_window=True)``
+                (the log-mel of the 30 s zero padding); a shorter input is zero-padded to 3000 frames.
             feature_lengths: ``(W,)`` valid frames per window, ``1 <= length <= T``.
-            padding_free: if False, every window is zero-padded to 3000 frames and attends over all of them,
-                exactly as HF ``WhisperEncoder`` does (use it for frozen encoders whose outputs must match the
-                original); if True, each window is encoded on its true length only.
+            padding_free: if False, every window runs on 3000 frames and attends over all of them, exactly as HF
+                ``WhisperEncoder`` does (use it for frozen encoders whose outputs must match the original); if
+                True, each window is encoded on its true length only.
 
         Returns:
             ``hidden_states (W, S, d_model)`` with ``S`` the encoder frames of ``T_run`` log-mel frames and
@@ -84,9 +86,10 @@ class PaddingFreeWhisperEncoder(WhisperEncoder):
         frame_idx = torch.arange(num_frames, device=input_features.device)
         valid = frame_idx[None, :] < feature_lengths[:, None]  # (W, T)
         # the conv stem's dtype: under DeepSpeed bf16 the weights are bf16 with no autocast and log-mel is fp32
-        x = (input_features * valid[:, None, :].to(input_features.dtype)).to(self.conv1.weight.dtype)
-        if not padding_free:
-            x = nn.functional.pad(x, (0, max_frames - num_frames))  # (W, n_mels, 3000)
+        if padding_free:
+            x = (input_features * valid[:, None, :].to(input_features.dtype)).to(self.conv1.weight.dtype)
+        else:  # HF's 30 s input: the frames are taken as given (the padding's log-mel is not zero)
+            x = nn.functional.pad(input_features, (0, max_frames - num_frames)).to(self.conv1.weight.dtype)
 
         x = nn.functional.gelu(self.conv1(x))  # (W, D, T)
         if padding_free:
@@ -213,8 +216,9 @@ class WhisperAudioEncoder(nn.Module):
         return encoder_frames(feature_lengths)
 
     def build_feature_extractor(self) -> LogMelSpectrogram:
-        """The module that turns ``(W, N)`` waveform windows into this encoder's input: Whisper log-mel."""
-        return LogMelSpectrogram(num_mel_bins=self.num_mel_bins)
+        """The module that turns ``(W, N)`` waveform windows into this encoder's input: Whisper log-mel, with the
+        30 s padding's frames when the encoder is not padding-free."""
+        return LogMelSpectrogram(num_mel_bins=self.num_mel_bins, pad_to_window=not self.padding_free)
 
     def forward(
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, sinusoids
 
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
@@ -48,10 +50,30 @@ def test_padded_mode_equals_hf_on_short_window(tiny_dir):
     assert hidden.shape == (1, 617, encoder.hidden_size) and lengths.tolist() == [617]
     torch.testing.assert_close(hidden, expected, rtol=0, atol=ATOL)
 
-    # Garbage past the length of a 3000-wide input is zeroed, as HF's zero padding.
-    garbage = torch.cat([features, 5 * torch.randn(1, n_mels, 3000 - length)], dim=-1)
-    hidden_garbage, _ = encoder(garbage, torch.tensor([length]))
-    torch.testing.assert_close(hidden_garbage[:, :617], expected, rtol=0, atol=ATOL)
+    # A 3000-wide input is taken as given, like HF's: its padding frames are part of the input
+    full = torch.cat([features, torch.randn(1, n_mels, 3000 - length)], dim=-1)
+    hidden_full, _ = encoder(full, torch.tensor([length]))
+    torch.testing.assert_close(hidden_full, _hf(encoder, full), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("seconds", [1.0, 7.0, 29.0])
+@torch.no_grad()
+def test_not_padding_free_equals_hf_feature_extractor_and_encoder(tiny_dir, seconds):
+    """``padding_free: false`` reproduces HF's Whisper pipeline from the waveform: WhisperFeatureExtractor pads the
+    clip to 30 s and its padding frames carry the log-mel floor (``max - 8``), not zeros."""
+    encoder = _load(tiny_dir, padding_free=False)
+    rng = np.random.default_rng(int(seconds))
+    n = int(seconds * 16000)
+    wave = (0.3 * np.sin(np.arange(n) * 0.05) * rng.standard_normal(n)).astype(np.float32)
+    hf_features = WhisperFeatureExtractor(feature_size=encoder.num_mel_bins)(
+        wave, sampling_rate=16000, return_tensors="pt"
+    ).input_features  # (1, n_mels, 3000)
+    features, lengths = encoder.build_feature_extractor()(torch.from_numpy(wave)[None], torch.tensor([n]))
+    assert features.shape == hf_features.shape and lengths.tolist() == [n // 160]
+    torch.testing.assert_close(features, hf_features, rtol=0, atol=ATOL)
+    hidden, out_lengths = encoder(features, lengths)
+    torch.testing.assert_close(hidden, _hf(encoder, hf_features), rtol=0, atol=ATOL)
+    assert out_lengths.tolist() == [math.ceil(n / 320)]
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
