@@ -373,8 +373,9 @@ def demo_env(tmp_path_factory):
 def test_train_py_with_strategy_fsdp2_saves_sharded_checkpoints_and_resumes(demo_env, tmp_path):
     """`python train.py strategy=fsdp2 trainer.devices=2` on CPU: the strategy file swaps in FSDP2AeroLitModule,
     checkpoints are folders with one shard per rank plus the Lightning state (data-stream positions of both ranks
-    included), and a second run resumes from last.ckpt. Validation and test decoding are off: see
-    conf/strategy/fsdp2.yaml about evaluation under sharded strategies."""
+    included), last.ckpt is a link to the newest step folder (save_last: link), a second run resumes through that
+    link, its final step (off the every-2-steps schedule) is saved and linked, and load_model reads the run folder.
+    Validation and test decoding are off: see conf/strategy/fsdp2.yaml about evaluation under sharded strategies."""
     corpus, model = demo_env
     out = tmp_path / "run"
     common = [
@@ -398,7 +399,9 @@ def test_train_py_with_strategy_fsdp2_saves_sharded_checkpoints_and_resumes(demo
         for k, v in os.environ.items()
         if not k.startswith("SLURM_") and k not in ("AERO_ROOT", "LOCAL_RANK")
     }
-    for steps, resume in ((2, []), (4, [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"])):
+    ckpts = out / "checkpoints"
+    last = ckpts / "last.ckpt"
+    for steps, resume in ((2, []), (3, [f"ckpt_path={last}"])):
         proc = subprocess.run(
             [sys.executable, "train.py", *common, f"trainer.max_steps={steps}", *resume],
             cwd=ROOT,
@@ -408,11 +411,20 @@ def test_train_py_with_strategy_fsdp2_saves_sharded_checkpoints_and_resumes(demo
             timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert last.is_symlink() and os.readlink(last) == f"step{steps:07d}.ckpt"
     assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
-    last = out / "checkpoints" / "last.ckpt"
-    assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step0000002.ckpt", "step0000003.ckpt"]
+    for step in (2, 3):
+        folder = ckpts / f"step{step:07d}.ckpt"
+        assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     meta = torch.load(last / "meta.pt", weights_only=False)
-    assert meta["global_step"] == 4
+    assert meta["global_step"] == 3
     assert meta["hyper_parameters"]["lr"] == 2.0e-3
     ranks = meta["AeroDataModule"]["ranks"]
-    assert [r["rank"] for r in ranks] == [0, 1] and all(r["consumed"] == 2 for r in ranks)  # since the resume
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["consumed"] == 1 for r in ranks)  # since the resume
+    weights, step = sharded_model_weights(ckpts / "step0000003.ckpt")
+    assert step == 3
+    state = load_model(out, device="cpu").state_dict()  # train.py's config.yaml, the linked step-3 shards
+    assert state.keys() == weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)

@@ -23,6 +23,23 @@ class FinalStepModelCheckpoint(ModelCheckpoint):
     saved under ``fast_dev_run``, outside fitting, or when no optimizer step was taken.
     """
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the state; with ``save_last="link"`` a resumed run keeps updating ``last.ckpt`` in place.
+
+        In link mode ``last.ckpt`` is the step checkpoint itself, which Lightning saves before it first sets
+        ``last_model_path``: the first step checkpoint of a run records ``last_model_path = ""``. A run resumed from
+        it would find ``last.ckpt`` present but not its own and link ``last-v1.ckpt`` instead, leaving ``last.ckpt``
+        at the resumed step. Resuming in the same ``dirpath`` (Lightning restores the paths only then), the run
+        continues the checkpoint's run, so its ``last.ckpt`` link is this run's.
+        """
+        super().load_state_dict(state_dict)
+        if (
+            self.save_last == "link"
+            and not self.last_model_path
+            and state_dict.get("dirpath") == self.dirpath
+        ):
+            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
