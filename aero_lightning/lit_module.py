@@ -251,7 +251,7 @@ class AeroLitModule(L.LightningModule):
     # ------------------------------------------------------------------ decoding
     def decode_batch(self, batch: dict) -> list[str]:
         """Greedy (or beam) decode a generation batch (left-padded prompts) into text."""
-        feats, feat_lengths = self.model.compute_features(batch["audio_windows"], batch["window_lengths"])
+        feats, feat_lengths = self.model.compute_features(batch["audio_pcm"], batch["window_lengths"])
         generated = self.model.generate(
             batch["input_ids"],
             batch["attention_mask"],

@@ -13,6 +13,11 @@ Rows, all in one process (= one worker, one core), over the same shards:
 Figures are audio seconds per wall second (``x real time``). Target (issue 3): the stream >= 1000x real time per
 core and >= 3x the baseline.
 
+A second table gives the audio bytes of a packed 32768-token batch, measured on the batches the stream row
+produced: the 16-bit PCM the batches carry (windows back to back), against the float32 windows zero-padded to the
+longest that they carried before (``W x max(window_lengths) x 4`` bytes; the batches also held no other large
+tensor). Target (issue 18): at least 2x smaller.
+
 Run: ``python benchmarks/data_throughput.py [--corpus DIR] [--tokenizer DIR]``. Defaults: the demo corpus's train
 split and the demo model's tokenizer (``make demo`` builds both). Writes ``benchmarks/results/data_throughput.json``.
 """
@@ -34,7 +39,7 @@ from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from aero_lightning.data.audio_tokens import AudioTokenCounter
 from aero_lightning.data.datamodule import resolve_split
-from aero_lightning.data.features import LogMelSpectrogram
+from aero_lightning.data.features import LogMelSpectrogram, pcm_windows
 from aero_lightning.data.stream import TrainStream
 
 SAMPLE_RATE_HZ = 16000
@@ -55,15 +60,26 @@ def run_stream(urls, tokenizer, seconds: float, log_mel: LogMelSpectrogram | Non
     it = iter(stream)
     next(it)  # warm-up: the first block is read and planned
     audio_s, batches, t0 = 0.0, 0, time.perf_counter()
+    pcm_bytes, float_bytes = 0, 0
     while time.perf_counter() - t0 < seconds:
         batch = next(it)
+        lengths = batch["window_lengths"]
+        pcm_bytes += batch["audio_pcm"].numel() * batch["audio_pcm"].element_size()
+        float_bytes += len(lengths) * int(lengths.max()) * 4  # the float32 padded windows of the old batches
         if log_mel is not None:
             with torch.no_grad():
-                log_mel(batch["audio_windows"], batch["window_lengths"])
+                log_mel(pcm_windows(batch["audio_pcm"], lengths), lengths)
         audio_s += float(batch["audio_samples"].sum()) / SAMPLE_RATE_HZ
         batches += 1
     wall = time.perf_counter() - t0
-    return {"audio_s": audio_s, "wall_s": wall, "batches": batches, "x_real_time": audio_s / wall}
+    return {
+        "audio_s": audio_s,
+        "wall_s": wall,
+        "batches": batches,
+        "x_real_time": audio_s / wall,
+        "pcm16_mb_per_batch": pcm_bytes / batches / 1e6,
+        "float32_padded_mb_per_batch": float_bytes / batches / 1e6,
+    }
 
 
 def run_baseline(urls, seconds: float) -> dict:
@@ -108,6 +124,15 @@ def main() -> None:
     for name, r in rows.items():
         r["vs_baseline"] = r["x_real_time"] / base
         lines.append(f"| {name} | {r['x_real_time']:.0f}x | {r['vs_baseline']:.2f}x |")
+    stream = rows["stream (decode + pack; log-mel on the accelerator)"]
+    lines += [
+        "",
+        "| audio in a packed 32768-token batch | MB per batch | vs before |",
+        "|---|---:|---:|",
+        f"| before: float32 windows, zero-padded to the longest | {stream['float32_padded_mb_per_batch']:.2f} | 1.00x |",
+        f"| now: int16 PCM, windows back to back | {stream['pcm16_mb_per_batch']:.2f} | "
+        f"{stream['float32_padded_mb_per_batch'] / stream['pcm16_mb_per_batch']:.2f}x smaller |",
+    ]
     table = "\n".join(lines)
     print(table)  # noqa: T201 - benchmark output
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"

@@ -85,7 +85,7 @@ def _make_samples(durations_s: Sequence[float], seed: int = 0) -> list[dict]:
 def _make_batch(model: AeroModel, samples: list[dict], for_generation: bool = False) -> dict:
     """Collate ``samples`` for ``model`` and add its log-mel ``input_features`` / ``feature_lengths``."""
     batch = AsrCollator(model.tokenizer, model.audio_token_counter(), for_generation=for_generation)(samples)
-    features, feature_lengths = model.compute_features(batch["audio_windows"], batch["window_lengths"])
+    features, feature_lengths = model.compute_features(batch["audio_pcm"], batch["window_lengths"])
     batch["input_features"], batch["feature_lengths"] = features, feature_lengths
     return batch
 

@@ -59,7 +59,7 @@ class AsrCollator:
         end_of_turn_token: the chat template's end-of-turn token.
 
     A batch holds ``input_ids (B, L)``, ``attention_mask (B, L)``, ``labels (B, L)`` (-100 outside replies and on
-    padding), ``audio_windows (W, N)`` float32 16 kHz (windows of all samples in order, zero-padded to the longest),
+    padding), ``audio_pcm (S,)`` int16 16 kHz PCM (the 30 s windows of all samples in order, back to back),
     ``window_lengths (W,)`` samples, ``audio_samples (B,)`` samples per clip, and lists ``keys``, ``references``,
     ``corpora``.
     """
@@ -168,6 +168,10 @@ class AeroDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes for training (decode only; log-mel runs on the accelerator).
         max_duration_s: skip longer training samples (seconds), or None.
         seed: stream seed.
+        pin_memory: page-locked training batches, for an asynchronous host-to-device copy (None: when CUDA is
+            available).
+        prefetch_factor: training batches each worker prepares ahead (host memory: about this many batches of
+            16-bit PCM per worker).
 
     The training loader's position is part of the checkpoint (:meth:`state_dict`): each consumed batch carries its
     worker's stream state, and a resumed run restores every worker exactly, so it sees the same batches an
@@ -186,6 +190,8 @@ class AeroDataModule(L.LightningDataModule):
         num_workers: int = 1,
         max_duration_s: float | None = None,
         seed: int = 0,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
     ):
         super().__init__()
         self.train = {
@@ -203,6 +209,8 @@ class AeroDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.max_duration_s = max_duration_s
         self.seed = seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.prefetch_factor = int(prefetch_factor)
         self.tokenizer = None
         self.audio_token_counter = None
         self.end_of_turn_token = "<|im_end|>"
@@ -272,7 +280,8 @@ class AeroDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=identity,
             persistent_workers=False,
-            prefetch_factor=4 if self.num_workers > 0 else None,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
         )
         trainer = getattr(self, "trainer", None)
         ids = (

@@ -40,6 +40,7 @@ __all__ = [
     "WINDOW_SAMPLES",
     "LogMelSpectrogram",
     "num_frames",
+    "pcm_windows",
 ]
 
 N_FFT = 400  # 25 ms analysis window
@@ -49,6 +50,30 @@ the HF extractor's frames centred inside the clip (it computes ``len // HOP_LENG
 and drops the last one)."""
 
 _HALF = N_FFT // 2  # reflect padding of the centred STFT at each end, in samples
+
+
+def pcm_windows(audio_pcm: Tensor, window_lengths: Tensor) -> Tensor:
+    """Float windows from the batch's 16-bit PCM, on its device (log-mel and the encoders run in float32 there).
+
+    Args:
+        audio_pcm: ``(S,)`` int16 samples of all windows back to back (:mod:`aero_lightning.data.packing`).
+        window_lengths: ``(W,)`` samples per window, summing to ``S``.
+
+    Returns:
+        ``(W, N)`` float32 waveforms in [-1, 1) (``int16 / 32768``), zero-padded to the longest window ``N``.
+
+    Raises:
+        ValueError: if the lengths do not add up to the samples given, or ``audio_pcm`` is not int16.
+    """
+    if audio_pcm.dtype != torch.int16:
+        raise ValueError(f"audio_pcm must be int16 PCM, got {audio_pcm.dtype}")
+    lengths = window_lengths.tolist()
+    if sum(lengths) != audio_pcm.shape[0]:
+        raise ValueError(
+            f"window_lengths sum to {sum(lengths)} samples but audio_pcm holds {audio_pcm.shape[0]}"
+        )
+    windows = nn.utils.rnn.pad_sequence(list(audio_pcm.split(lengths)), batch_first=True)  # (W, N) int16
+    return windows.float() / 32768.0
 
 
 class LogMelSpectrogram(nn.Module):

@@ -21,8 +21,10 @@ The packed batch contract (all CPU tensors, no L x L mask anywhere)::
     position_ids  (1, L) int64   0..len_d-1 restarting in every document
     cu_seqlens    (D+1,) int32   cumulative document lengths, cu_seqlens[0] = 0, cu_seqlens[-1] = L
     max_seqlen    int            longest document
-    audio_windows (W, N) float32 30 s windows of all documents in order, zero-padded to the longest window
-    window_lengths (W,)  int64   valid samples per window
+    audio_pcm     (S,)   int16   16-bit PCM of all 30 s windows of all documents in order, back to back
+                                 (S = sum of window_lengths): half the bytes of float32 and no padding, and no
+                                 precision plugin casts an integer tensor (DeepSpeed's bf16 would round floats)
+    window_lengths (W,)  int64   samples per window
     encoder_cu_seqlens (W+1,) int32  cumulative encoder frames per window (the encoder's own documents)
     audio_samples (D,)   int64   samples per document's audio
     keys, references, corpora    lists of D strings
@@ -160,24 +162,51 @@ def plan_stats(costs: Sequence[int], batches: Sequence[Sequence[int]], mode: str
 # --------------------------------------------------------------------------------------------- collate
 
 
+PCM_SCALE = 32768
+"""16-bit PCM full scale: ``float = int16 / 32768``, libsndfile's convention (a PCM_16 FLAC read as float32 is
+exactly ``int16 / 32768``)."""
+
+
+def to_pcm16(waveform: np.ndarray) -> np.ndarray:
+    """``(T,)`` waveform as 16-bit PCM: int16 unchanged; floats in [-1, 1] as ``round(x * 32768)``, clipped.
+
+    Lossless for audio read from our 16-bit FLAC shards (their floats are multiples of ``1 / 32768``).
+    """
+    wave = np.asarray(waveform)
+    if wave.dtype == np.int16:
+        return wave
+    return np.clip(np.rint(wave.astype(np.float64) * PCM_SCALE), -PCM_SCALE, PCM_SCALE - 1).astype(np.int16)
+
+
 def _windows(samples: Sequence[dict], counter) -> tuple[torch.Tensor, torch.Tensor]:
-    windows = []
-    for s in samples:
+    """``(S,)`` int16 PCM of every window of every sample, back to back, and ``(W,)`` samples per window."""
+    lengths = [w for s in samples for w in counter.window_lengths(int(s["waveform"].shape[0]))]
+    pcm = np.concatenate([to_pcm16(s["waveform"]) for s in samples])  # windows are consecutive slices
+    return torch.from_numpy(pcm), torch.tensor(lengths, dtype=torch.long)
+
+
+def float_windows(waveforms: Sequence[np.ndarray], counter) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, N)`` float32 windows of float waveforms, zero-padded to the longest, and ``(W,)`` samples per window.
+
+    For inference on arbitrary float audio (transcription, evaluation, the HF pipeline), which is read at full
+    precision rather than as 16-bit PCM; training batches carry ``audio_pcm`` instead.
+    """
+    pieces = []
+    for wave in waveforms:
         start = 0
-        for length in counter.window_lengths(int(s["waveform"].shape[0])):
-            windows.append(s["waveform"][start : start + length])
+        for length in counter.window_lengths(int(wave.shape[0])):
+            pieces.append(
+                torch.from_numpy(np.ascontiguousarray(wave[start : start + length], dtype=np.float32))
+            )
             start += length
-    window_lengths = torch.tensor([len(w) for w in windows], dtype=torch.long)
-    audio_windows = torch.zeros((len(windows), int(window_lengths.max())), dtype=torch.float32)  # (W, N)
-    for i, w in enumerate(windows):
-        audio_windows[i, : len(w)] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-    return audio_windows, window_lengths
+    lengths = torch.tensor([len(w) for w in pieces], dtype=torch.long)
+    return torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True), lengths  # (W, N), (W,)
 
 
 def _common(samples: Sequence[dict], counter) -> dict[str, Any]:
-    audio_windows, window_lengths = _windows(samples, counter)
+    audio_pcm, window_lengths = _windows(samples, counter)
     return {
-        "audio_windows": audio_windows,
+        "audio_pcm": audio_pcm,
         "window_lengths": window_lengths,
         "audio_samples": torch.tensor([int(s["waveform"].shape[0]) for s in samples], dtype=torch.long),
         "keys": [s["key"] for s in samples],

@@ -25,6 +25,7 @@ import torch
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 from aero_lightning.data.datamodule import AsrCollator
 from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.data.packing import float_windows
 
 __all__ = [
     "DecodeResult",
@@ -200,8 +201,10 @@ def decode_waveforms(
     )
     batch = collate(samples)
     device, dtype = _model_device_dtype(model)
+    # the files' float audio at full precision (training batches carry 16-bit PCM, which is what the shards hold)
+    windows, window_lengths = float_windows([s["waveform"] for s in samples], model.audio_token_counter())
     features, feature_lengths = model.compute_features(
-        batch["audio_windows"].to(device), batch["window_lengths"].to(device)
+        windows.to(device), window_lengths.to(device)
     )  # (W, n_mels, T), (W,)
     budgets = [options.budget(len(w) / SAMPLE_RATE_HZ, cpt) for w in waveforms]
     generated = model.generate(

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from aero_lightning.data.audio_tokens import AudioTokenCounter
 from aero_lightning.data.chat import AUDIO_TOKEN, IGNORE_INDEX
+from aero_lightning.data.features import pcm_windows
 from aero_lightning.model.attention import packed_attention_kwargs
 from aero_lightning.model.ctc import ctc_loss_sum
 from aero_lightning.model.freeze import enable_activation_checkpointing, frozen_components
@@ -171,17 +172,20 @@ class AeroModel(nn.Module):
         return AudioTokenCounter(projector_downsample=self.projector.downsample)
 
     # ------------------------------------------------------------------ audio
-    def compute_features(self, audio_windows: torch.Tensor, window_lengths: torch.Tensor):
-        """Encoder input of 30 s windows on the model's device (log-mel for Whisper, the waveform for SSL encoders).
+    def compute_features(self, audio_pcm: torch.Tensor, window_lengths: torch.Tensor):
+        """Encoder input of 30 s windows on the model's device, computed in float32 (log-mel for Whisper, the
+        waveform for SSL encoders).
 
         Args:
-            audio_windows: ``(W, N)`` waveforms at 16 kHz, ``N <= 480 000`` samples.
-            window_lengths: ``(W,)`` valid samples per window.
+            audio_pcm: ``(S,)`` int16 16 kHz PCM of all windows back to back (the collated ``audio_pcm``), or
+                ``(W, N)`` float waveforms, zero-padded.
+            window_lengths: ``(W,)`` samples per window.
 
         Returns:
             ``input_features`` (``(W, num_mel_bins, T)`` log-mel or ``(W, N)`` waveforms) and their ``(W,)`` lengths.
         """
-        return self.feature_extractor(audio_windows, window_lengths)
+        windows = pcm_windows(audio_pcm, window_lengths) if audio_pcm.dim() == 1 else audio_pcm  # (W, N)
+        return self.feature_extractor(windows, window_lengths)
 
     def encode_audio(self, input_features: torch.Tensor, feature_lengths: torch.Tensor) -> EncodedAudio:
         """Encode and project windows (see :class:`EncodedAudio`)."""
@@ -298,11 +302,11 @@ class AeroModel(nn.Module):
         """Features + :meth:`forward` on a collated batch (padded or packed, see :mod:`aero_lightning.data.packing`).
 
         Args:
-            batch: ``input_ids``, ``labels``, ``audio_windows``, ``window_lengths`` and ``attention_mask`` (padded)
+            batch: ``input_ids``, ``labels``, ``audio_pcm``, ``window_lengths`` and ``attention_mask`` (padded)
                 or ``position_ids`` + ``cu_seqlens`` (packed), already on the model's device.
             return_logits: see :meth:`forward` (False: loss only, no full logits).
         """
-        features, lengths = self.compute_features(batch["audio_windows"], batch["window_lengths"])
+        features, lengths = self.compute_features(batch["audio_pcm"], batch["window_lengths"])
         return self(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),  # absent for packed batches

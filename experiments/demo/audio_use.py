@@ -34,17 +34,14 @@ def main() -> None:
         for i, batch in enumerate(dm.val_dataloader()[0]):
             if i >= args.batches:
                 break
-            waves = batch["audio_windows"]
-            replaced = {
-                "real": waves,
-                "silence": torch.zeros_like(waves),
-                "noise": 0.05 * torch.randn(waves.shape, generator=generator),
-            }
+            pcm = batch["audio_pcm"]  # (S,) int16
+            noise = (0.05 * 32768 * torch.randn(pcm.shape, generator=generator)).round().clamp(-32768, 32767)
+            replaced = {"real": pcm, "silence": torch.zeros_like(pcm), "noise": noise.to(torch.int16)}
             for name, audio in replaced.items():
-                out = model.forward_batch(batch | {"audio_windows": audio})
+                out = model.forward_batch(batch | {"audio_pcm": audio})
                 sums[name][0] += float(out.loss_sum)
                 sums[name][1] += int(out.num_target_tokens)
-            feats, lengths = model.compute_features(waves, batch["window_lengths"])
+            feats, lengths = model.compute_features(pcm, batch["window_lengths"])
             embeddings.append(model.embed_audio(feats, lengths))  # (N_audio, D)
     audio = torch.cat(embeddings)
     text = model.llm.get_input_embeddings().weight

@@ -50,7 +50,7 @@ def main() -> None:
     blank = model.tokenizer.pad_token_id
     with torch.no_grad():
         for batch in dm.val_dataloader()[0]:
-            feats, lengths = model.compute_features(batch["audio_windows"], batch["window_lengths"])
+            feats, lengths = model.compute_features(batch["audio_pcm"], batch["window_lengths"])
             hidden, enc_lengths = model.encoder(feats, lengths)  # (W, S, D_enc): one window per demo clip
             if hidden.shape[0] != len(batch["references"]):
                 raise SystemExit(

@@ -11,6 +11,8 @@ import torch
 from aero_lightning.data.audio_tokens import AudioTokenCounter
 from aero_lightning.data.chat import IGNORE_INDEX
 from aero_lightning.data.datamodule import AsrCollator, resolve_split
+from aero_lightning.data.features import pcm_windows
+from aero_lightning.data.packing import to_pcm16
 from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.data.shard_reader import read_sample
 from aero_lightning.data.shards import asr_sample_json, build_manifest, encode_flac, write_manifest
@@ -64,10 +66,14 @@ def test_long_clip_is_cut_into_ordered_windows(tokenizer, make_samples):
     samples = make_samples([0.5, 31.0])
     batch = AsrCollator(tokenizer, COUNTER)(samples)
     assert batch["window_lengths"].tolist() == [8000, 480_000, 16_000]
-    audio = batch["audio_windows"]
+    pcm = batch["audio_pcm"]  # windows back to back as 16-bit PCM, no padding
+    assert pcm.shape == (8000 + 31 * 16000,) and pcm.dtype == torch.int16
+    expected = np.concatenate([to_pcm16(samples[0]["waveform"]), to_pcm16(samples[1]["waveform"])])
+    assert torch.equal(pcm, torch.from_numpy(expected))
+    audio = pcm_windows(pcm, batch["window_lengths"])  # (W, N) float32 on the model's side
     assert audio.shape == (3, 480_000) and audio.dtype == torch.float32
-    long = torch.from_numpy(samples[1]["waveform"])
-    assert torch.equal(audio[0, :8000], torch.from_numpy(samples[0]["waveform"]))
+    long = torch.from_numpy(to_pcm16(samples[1]["waveform"])).float() / 32768
+    assert torch.equal(audio[0, :8000], torch.from_numpy(to_pcm16(samples[0]["waveform"])).float() / 32768)
     assert torch.equal(audio[1], long[:480_000])
     assert torch.equal(audio[2, :16_000], long[480_000:])
     assert (audio[0, 8000:] == 0).all() and (audio[2, 16_000:] == 0).all()

@@ -1,10 +1,13 @@
-"""LogMelSpectrogram against transformers.WhisperFeatureExtractor."""
+"""LogMelSpectrogram against transformers.WhisperFeatureExtractor; the 16-bit PCM the batches carry."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import WhisperFeatureExtractor
 
+from aero_lightning.data.audio_tokens import AudioTokenCounter
+from aero_lightning.data.chat import asr_messages
+from aero_lightning.data.datamodule import AsrCollator
 from aero_lightning.data.features import (
     HOP_LENGTH,
     N_FFT,
@@ -13,7 +16,9 @@ from aero_lightning.data.features import (
     WINDOW_SAMPLES,
     LogMelSpectrogram,
     num_frames,
+    pcm_windows,
 )
+from aero_lightning.data.packing import to_pcm16
 
 ATOL_HF = 1e-5  # measured max abs difference on CPU: 0.0 (up to 1.2e-7 for clips shorter than one hop)
 
@@ -171,3 +176,49 @@ def test_dtype_cast_keeps_float32_buffers():
     module = LogMelSpectrogram(80).to(torch.bfloat16)
     assert module.mel_filters.dtype == torch.float32 and module.window.dtype == torch.float32
     torch.testing.assert_close(module.mel_filters, LogMelSpectrogram(80).mel_filters, rtol=0, atol=0)
+
+
+def test_pcm_windows_unpack_the_collated_pcm_exactly():
+    pcm = torch.tensor([1, -2, 3, 32767, -32768, 5, 6], dtype=torch.int16)
+    windows = pcm_windows(pcm, torch.tensor([3, 2, 2]))
+    assert windows.dtype == torch.float32 and windows.shape == (3, 3)
+    assert windows.mul(32768).tolist() == [[1, -2, 3], [32767, -32768, 0], [5, 6, 0]]
+    with pytest.raises(ValueError, match="sum to 6 samples but audio_pcm holds 7"):
+        pcm_windows(pcm, torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="int16"):
+        pcm_windows(pcm.float(), torch.tensor([7]))
+
+
+def test_to_pcm16_is_lossless_for_16_bit_audio():
+    rng = np.random.default_rng(0)
+    ints = rng.integers(-32768, 32767, 1000, dtype=np.int16)
+    floats = ints.astype(np.float32) / 32768  # what libsndfile gives for a PCM_16 FLAC
+    assert np.array_equal(to_pcm16(floats), ints)
+    assert to_pcm16(ints) is ints
+    assert to_pcm16(np.array([1.5, -1.5, 0.5], dtype=np.float32)).tolist() == [32767, -32768, 16384]
+
+
+def test_deepspeed_bf16_leaves_the_audio_exact(tokenizer):
+    """DeepSpeed's bf16 precision casts every float tensor of a batch (``convert_input``); the audio travels as int16,
+    which it leaves alone, so log-mel is computed from the exact waveform (it was off by up to 0.3 from float
+    windows rounded to bf16)."""
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+    samples = [
+        {"key": f"k{i}", "waveform": to_pcm16(_audio(n, "sine")), "messages": asr_messages("a b")}
+        for i, n in enumerate([16_000, 40_000])
+    ]
+    counter = AudioTokenCounter(projector_downsample=4)
+    batch = AsrCollator(tokenizer, counter)(samples)
+    cast = DeepSpeedPrecision("bf16-mixed").convert_input(dict(batch))
+    assert cast["audio_pcm"].dtype == torch.int16 and torch.equal(cast["audio_pcm"], batch["audio_pcm"])
+    log_mel = LogMelSpectrogram(80)
+    reference, _ = log_mel(pcm_windows(batch["audio_pcm"], batch["window_lengths"]), batch["window_lengths"])
+    features, _ = log_mel(pcm_windows(cast["audio_pcm"], cast["window_lengths"]), cast["window_lengths"])
+    torch.testing.assert_close(features, reference, rtol=0, atol=1e-5)
+    # the defect this replaces: float32 windows in the batch come out of convert_input as bf16
+    windows = pcm_windows(batch["audio_pcm"], batch["window_lengths"])
+    rounded = DeepSpeedPrecision("bf16-mixed").convert_input({"audio": windows})["audio"]
+    assert rounded.dtype == torch.bfloat16
+    off, _ = log_mel(rounded.float(), batch["window_lengths"])
+    assert float((off - reference).abs().max()) > 0.05

@@ -86,9 +86,9 @@ def test_packed_batch_contract(tokenizer, make_encoded):
     assert batch["encoder_cu_seqlens"].dtype == torch.int32
     assert batch["encoder_cu_seqlens"].tolist() == [0, 35, 150, 1650, 1700, 1755]
     assert batch["keys"] == ["utt0", "utt1", "utt2", "utt3"]
-    # no L x L tensor anywhere: every tensor is at most (1, L) or the (W, N) audio
+    # no L x L tensor anywhere: every tensor is at most (1, L) or the audio
     for name, value in batch.items():
-        if torch.is_tensor(value) and name != "audio_windows":
+        if torch.is_tensor(value) and name != "audio_pcm":
             assert value.numel() <= total + 1, name
 
 
@@ -98,7 +98,7 @@ def test_packed_and_padded_carry_the_same_documents(tokenizer, make_encoded):
     padded = collate_padded(samples, COUNTER, pad_id=tokenizer.pad_token_id)
     mask = padded["attention_mask"].bool()
     assert torch.equal(packed["input_ids"][0], padded["input_ids"][mask])
-    assert torch.equal(packed["audio_windows"], padded["audio_windows"])
+    assert torch.equal(packed["audio_pcm"], padded["audio_pcm"])
     # labels agree except at each document's first token, which the packed row masks
     starts = packed["cu_seqlens"][:-1].long()
     flat = padded["labels"][mask].clone()

@@ -224,7 +224,7 @@ def test_stream_state_resumes_exactly(tokenizer, tmp_path, stop_after):
         b["data_state"]["rejects"] for b in reference[stop_after:]
     ]
     for got, want in zip(resumed, reference[stop_after:]):
-        assert np.array_equal(got["audio_windows"].numpy(), want["audio_windows"].numpy())
+        assert np.array_equal(got["audio_pcm"].numpy(), want["audio_pcm"].numpy())
 
 
 class _KeyRecorder(L.Callback):

@@ -268,7 +268,7 @@ def generate(model, docs: list[dict]) -> list[list[int]]:
     parameters in each one)."""
     model.eval()
     batch = AsrCollator(model.tokenizer, model.audio_token_counter(), for_generation=True)(docs)
-    feats, lengths = model.compute_features(batch["audio_windows"], batch["window_lengths"])
+    feats, lengths = model.compute_features(batch["audio_pcm"], batch["window_lengths"])
     ids = model.generate(
         batch["input_ids"], batch["attention_mask"], feats, lengths, max_new_tokens=4, min_new_tokens=4
     )

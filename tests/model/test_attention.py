@@ -68,7 +68,7 @@ def test_encoder_packed_windows_equal_windows_alone(make_model, make_encoded):
     batch = collate_padded(
         _encoded(packed_model, make_encoded, [0.7, 31.0, 2.3]), packed_model.audio_token_counter(), 0
     )
-    feats, lens = packed_model.compute_features(batch["audio_windows"], batch["window_lengths"])
+    feats, lens = packed_model.compute_features(batch["audio_pcm"], batch["window_lengths"])
     hidden, out_lens = packed_model.encoder(feats, lens)  # packed: one row, window cu_seqlens
     for w in range(feats.shape[0]):
         alone, alone_len = reference.encoder(feats[w : w + 1, :, : int(lens[w])], lens[w : w + 1])
@@ -153,7 +153,7 @@ def test_gpu_packed_backend_matches_per_document_reference(make_model, make_enco
         k: v.cuda() if torch.is_tensor(v) else v
         for k, v in collate_packed(samples, fast.audio_token_counter()).items()
     }
-    feats, lens = fast.compute_features(batch["audio_windows"], batch["window_lengths"])
+    feats, lens = fast.compute_features(batch["audio_pcm"], batch["window_lengths"])
     kw = dict(input_ids=batch["input_ids"], input_features=feats.to(torch.bfloat16), feature_lengths=lens,
               labels=batch["labels"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])  # fmt: skip
     out = fast(**kw)
@@ -190,7 +190,7 @@ def test_autocast_keeps_the_packed_llm_on_the_fused_kernel(make_model, make_enco
     monkeypatch.setattr(attention, "_varlen_kernel_applies", lambda q, dropout: q.dtype == torch.bfloat16)
     model = make_model(attn_implementation="varlen").eval()
     batch = collate_packed(_encoded(model, make_encoded), model.audio_token_counter())
-    features, lengths = model.compute_features(batch["audio_windows"], batch["window_lengths"])
+    features, lengths = model.compute_features(batch["audio_pcm"], batch["window_lengths"])
     encoded = model.encode_audio(features, lengths)
     inputs_embeds = model.build_inputs_embeds(batch["input_ids"], encoded)
     cu = tuple(batch["cu_seqlens"].tolist())
