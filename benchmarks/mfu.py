@@ -13,8 +13,10 @@ Rows (every row trains on the same synthetic documents: LibriSpeech-shaped durat
 - ``packed 32768``: padding-free encoder windows and one packed LLM row of up to 32768 tokens, ``varlen``
   attention (or ``--attn flash_attention_2``).
 
-MFU = model FLOPs (:mod:`aero_lightning.model.flops`: real tokens only, trainable 6N, attention per document)
-per second / the GPU's dense bf16 peak. Tokens/s counts real LLM tokens per GPU.
+MFU = model FLOPs per second / the GPU's dense bf16 peak, in the two conventions of :mod:`aero_lightning.model.flops`:
+the whole model (encoder, projector and LLM; real tokens only, trainable 6N, attention per document, the LM head at
+the loss's target positions) and the LLM's text FLOPs as lmms-engine counts them (Aero's training framework, so
+comparable with Aero's published MFU). Tokens/s counts real LLM tokens per GPU, audio s/s seconds of audio per GPU.
 
 Run on one GPU: ``python benchmarks/mfu.py`` (~10 min on an H100). ``--tiny`` runs the same code on toy shapes in
 fp32 on CPU (a smoke test; its MFU is not meaningful). Writes ``benchmarks/results/mfu.json``
@@ -35,10 +37,11 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from aero_lightning.data.chat import asr_messages, encode_chat
+from aero_lightning.data.features import SAMPLE_RATE_HZ
 from aero_lightning.data.packing import collate_packed, collate_padded, plan_packed, plan_padded
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
-from aero_lightning.model.flops import batch_lengths, count_params, peak_flops, step_flops
+from aero_lightning.model.flops import batch_lengths, batch_targets, count_params, peak_flops, step_flops
 from aero_lightning.model.projector import AvgPoolProjector
 from aero_lightning.model.tiny import tiny_qwen2_config, tiny_whisper_config, train_tokenizer
 
@@ -98,7 +101,7 @@ def measure(model: AeroModel, batches: list[dict], device, dtype, warmup: int, s
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     )
-    flops = tokens = 0
+    flops = llm_flops = tokens = audio_samples = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -115,13 +118,17 @@ def measure(model: AeroModel, batches: list[dict], device, dtype, warmup: int, s
         optimizer.zero_grad(set_to_none=True)
         if i >= warmup:
             windows, docs = batch_lengths(batch, model.audio_token_counter())
-            flops += step_flops(params, windows, docs)["total"]
+            step = step_flops(params, windows, docs, target_tokens=batch_targets(batch))
+            flops += step["total"]
+            llm_flops += step["lmms_engine"]
             tokens += sum(docs)
+            audio_samples += int(batch["window_lengths"].sum())
     sync()
     wall = time.perf_counter() - t0
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"steps": steps, "wall_s": wall, "tokens_per_s": tokens / wall, "model_flops_per_s": flops / wall,
-            "peak_mem_gib": peak_mem}  # fmt: skip
+    return {"steps": steps, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "audio_s_per_s": audio_samples / SAMPLE_RATE_HZ / wall, "model_flops_per_s": flops / wall,
+            "llm_flops_per_s": llm_flops / wall, "peak_mem_gib": peak_mem}  # fmt: skip
 
 
 def main() -> None:
@@ -167,6 +174,7 @@ def main() -> None:
                 ]
             r = measure(model, batches, device, dtype, args.warmup, args.steps)
             r["mfu"] = r["model_flops_per_s"] / peak if peak else None
+            r["mfu_llm"] = r["llm_flops_per_s"] / peak if peak else None
             r["liger"] = model.liger
             rows[f"{mode} {budget}, liger {'on' if liger else 'off'}"] = r
             del model
@@ -174,12 +182,18 @@ def main() -> None:
                 torch.cuda.empty_cache()
     base = next(iter(rows.values()))["tokens_per_s"]
     lines = [
-        "| run | tokens/s/GPU | model TFLOP/s | MFU | peak mem GiB | vs padded |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | tokens/s/GPU | audio s/s/GPU | model TFLOP/s | MFU | LLM TFLOP/s (lmms-engine) | MFU (lmms-engine) "
+        "| peak mem GiB | vs padded |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def fraction(x: float | None) -> str:
+        return f"{x:.3f}" if x is not None else "n/a"
+
     for key, r in rows.items():
-        mfu_s = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {key} | {r['tokens_per_s']:.0f} | {r['model_flops_per_s'] / 1e12:.1f} | {mfu_s} | "
+        lines.append(f"| {key} | {r['tokens_per_s']:.0f} | {r['audio_s_per_s']:.1f} | "
+                     f"{r['model_flops_per_s'] / 1e12:.1f} | {fraction(r['mfu'])} | "
+                     f"{r['llm_flops_per_s'] / 1e12:.1f} | {fraction(r['mfu_llm'])} | "
                      f"{r['peak_mem_gib']:.1f} | {r['tokens_per_s'] / base:.2f}x |")  # fmt: skip
     table = "\n".join(lines)
     print(table)  # noqa: T201 - benchmark output

@@ -1,10 +1,13 @@
-"""Training throughput and MFU: real tokens/s, audio seconds/s, model FLOP/s, padding ratio, data wait, memory.
+"""Training throughput and MFU: real tokens/s, audio seconds/s, model FLOP/s in two conventions, padding, data wait.
 
 Only real tokens count (``attention_mask`` ones; every position of a packed row); padding is reported separately
 as ``padding_ratio`` = padded positions / all positions of the LLM input. Model FLOPs per micro-batch come from
-:mod:`aero_lightning.model.flops` (trainable vs frozen parts, per-document attention, real tokens only); ``perf/mfu`` = achieved model FLOP/s per device / the device's dense peak (bf16/fp16 table, or
-``peak_flops`` given explicitly), logged only when the peak is known (not on CPU). Training samples the stream
-skipped are logged as ``data/rejected/<reason>`` (cumulative, this rank).
+:mod:`aero_lightning.model.flops` in both of its conventions: the whole model (encoder, projector, LLM; trainable
+vs frozen parts, per-document attention, the LM head at the loss's target positions), logged as ``perf/mfu``, and
+the LLM's text FLOPs as lmms-engine counts them, logged as ``perf/mfu_llm`` (comparable with Aero's published MFU).
+MFU = achieved model FLOP/s per device / the device's dense peak (bf16/fp16 table, or ``peak_flops`` given
+explicitly), logged only when the peak is known (not on CPU). Training samples the stream skipped are logged as
+``data/rejected/<reason>`` (cumulative, this rank).
 """
 
 from __future__ import annotations
@@ -15,15 +18,33 @@ import lightning as L
 import torch
 
 from aero_lightning.data.features import SAMPLE_RATE_HZ
-from aero_lightning.model.flops import batch_lengths, count_params, mfu, peak_flops, step_flops
+from aero_lightning.model.flops import (
+    batch_lengths,
+    batch_targets,
+    count_params,
+    mfu,
+    peak_flops,
+    step_flops,
+)
+
+# the window counts summed over processes, in this order
+_SUMMED = ("tokens", "positions", "audio_samples", "flops", "flops_llm")
 
 
 class ThroughputMonitor(L.Callback):
     """Log ``perf/*`` rates over the last ``window`` training batches of wall time (batch fetch included).
 
-    Logged (per process): ``perf/tokens_per_s``, ``perf/audio_s_per_s``, ``perf/model_tflops_per_s``,
-    ``perf/mfu`` (when the peak is known), ``perf/padding_ratio``, ``perf/data_wait_frac``,
-    ``perf/peak_mem_gib`` (CUDA), and ``tok/s`` and ``mfu`` on the progress bar.
+    Rates are **per device**: the window's counts are summed over all processes (one all-reduce per window) and
+    divided by the world size and by this process's wall time of the window (the ranks step together). Logged:
+
+    - ``perf/tokens_per_s``: real LLM tokens (audio and text positions) per second per device.
+    - ``perf/audio_s_per_s``: seconds of audio per second per device.
+    - ``perf/model_tflops_per_s``, ``perf/mfu``: whole-model FLOPs (``step_flops(...)["total"]``).
+    - ``perf/llm_tflops_per_s``, ``perf/mfu_llm``: the LLM's text FLOPs as lmms-engine counts them
+      (``step_flops(...)["lmms_engine"]``); the MFUs only when the peak is known.
+    - ``perf/padding_ratio``: padded / all LLM input positions, all processes.
+    - ``perf/data_wait_frac``, ``perf/peak_mem_gib`` (CUDA): this process.
+    - ``tok/s`` and ``mfu`` on the progress bar.
 
     Args:
         window: training batches per measurement.
@@ -40,10 +61,7 @@ class ThroughputMonitor(L.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._tokens = 0
-        self._positions = 0
-        self._audio_samples = 0
-        self._flops = 0
+        self._counts = dict.fromkeys(_SUMMED, 0)
         self._wait_s = 0.0
         self._t0 = time.perf_counter()
         self._steps = 0
@@ -63,12 +81,24 @@ class ThroughputMonitor(L.Callback):
             self._wait_s += now - self._batch_end
         mask = batch.get("attention_mask")
         positions = batch["input_ids"].numel()
-        self._tokens += int(mask.sum()) if mask is not None else positions
-        self._positions += positions
-        self._audio_samples += int(batch["window_lengths"].sum())
+        counts = self._counts
+        counts["tokens"] += int(mask.sum()) if mask is not None else positions
+        counts["positions"] += positions
+        counts["audio_samples"] += int(batch["window_lengths"].sum())
         if self._params is not None:
             windows, docs = batch_lengths(batch, pl_module.model.audio_token_counter())
-            self._flops += step_flops(self._params, windows, docs)["total"]
+            flops = step_flops(self._params, windows, docs, target_tokens=batch_targets(batch))
+            counts["flops"] += flops["total"]
+            counts["flops_llm"] += flops["lmms_engine"]
+
+    def _summed(self, trainer, pl_module) -> dict[str, float]:
+        """This window's counts summed over all processes (float64: exact to 2**53, FLOPs far below 1 ulp)."""
+        local = torch.tensor(
+            [float(self._counts[k]) for k in _SUMMED], dtype=torch.float64, device=pl_module.device
+        )
+        strategy = getattr(trainer, "strategy", None)
+        total = strategy.reduce(local, reduce_op="sum") if strategy is not None else local
+        return dict(zip(_SUMMED, total.tolist()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._steps += 1
@@ -76,16 +106,22 @@ class ThroughputMonitor(L.Callback):
         if self._steps < self.window:
             return
         elapsed = max(self._batch_end - self._t0, 1e-9)
-        flops_per_s = self._flops / elapsed
+        world = max(int(getattr(trainer, "world_size", 1)), 1)
+        total = self._summed(trainer, pl_module)
+        per_device_s = world * elapsed  # device-seconds of the window
+        flops_per_s = total["flops"] / per_device_s
+        llm_flops_per_s = total["flops_llm"] / per_device_s
         metrics = {
-            "perf/tokens_per_s": self._tokens / elapsed,
-            "perf/audio_s_per_s": self._audio_samples / SAMPLE_RATE_HZ / elapsed,
+            "perf/tokens_per_s": total["tokens"] / per_device_s,
+            "perf/audio_s_per_s": total["audio_samples"] / SAMPLE_RATE_HZ / per_device_s,
             "perf/model_tflops_per_s": flops_per_s / 1e12,
-            "perf/padding_ratio": 1.0 - self._tokens / max(self._positions, 1),
+            "perf/llm_tflops_per_s": llm_flops_per_s / 1e12,
+            "perf/padding_ratio": 1.0 - total["tokens"] / max(total["positions"], 1.0),
             "perf/data_wait_frac": self._wait_s / elapsed,
         }
         if self._peak:
             metrics["perf/mfu"] = mfu(flops_per_s, self._peak)
+            metrics["perf/mfu_llm"] = mfu(llm_flops_per_s, self._peak)
         if torch.cuda.is_available():
             metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         datamodule = getattr(trainer, "datamodule", None)

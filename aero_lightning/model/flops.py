@@ -2,14 +2,33 @@
 
 ``MFU = achieved model FLOP/s / peak FLOP/s``. *Model* FLOPs are what the model mathematically needs for
 the real tokens of a step, independent of how the implementation computes them: padding, activation
-recomputation (gradient checkpointing) and kernels that skip masked blocks change the hardware FLOPs, never
-the model FLOPs.
+recomputation (gradient checkpointing, the loss's chunk recomputation) and kernels that skip masked blocks change
+the hardware FLOPs, never the model FLOPs.
 
-Conventions (one optimizer step; all counts in FLOPs, one multiply-add = 2 FLOPs):
+Two conventions are computed (one optimizer step; all counts in FLOPs, one multiply-add = 2 FLOPs):
 
-**Parameter term** (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", arXiv:2001.08361, §2.1:
-forward ``2N`` per token, backward twice the forward, so ``6N`` per token for training). For each of
-encoder, projector and LLM::
+1. **Whole model** (``step_flops(...)["total"]``, logged as ``perf/mfu``): encoder, projector and LLM, trainable
+   and frozen weights apart, the LM head only where the loss projects, as described below. It is the work this
+   model really needs.
+2. **LLM text FLOPs as lmms-engine counts them** (``step_flops(...)["lmms_engine"]``, logged as ``perf/mfu_llm``),
+   so that MFU compares with Aero's published figures (Aero-1-Audio was trained with lmms-engine). Source:
+   lmms-engine ``src/lmms_engine/models/utils.py``, ``FlopsCounter._estimate_qwen2_flops``
+   (https://github.com/EvolvingLMMs-Lab/lmms-engine; the counter is verl's ``verl/utils/flops_counter.py``)::
+
+       F_lmms = 6 * N_lmms * sum_i s_i + 12 * sum_i s_i**2 * head_dim * H * L
+       N_lmms = L * (3 * h * I + h * (q + k + v + o)) + 2 * V * h
+
+   from the LLM config only (hidden ``h``, FFN ``I``, ``L`` layers, ``H`` query heads, ``q = o = H * head_dim``,
+   ``k = v = H_kv * head_dim``, vocabulary ``V``): every weight counted as trainable, the input embedding counted as
+   a matmul and the LM head at every token (``2 * V * h``), the audio encoder and the projector not counted at
+   all; ``s_i`` are the real LLM tokens of each sequence (lmms-engine takes attention-mask row sums, one document
+   per row; here the documents of a packed row count one by one, as they attend), audio positions included. At
+   Aero's shapes (Whisper-large-v3 + Qwen2.5-1.5B) it is about 1.4x below the whole-model count: the 635 M-weight
+   encoder runs 50 frames per second of audio against the LLM's 25 tokens.
+
+**Parameter term** of the whole-model count (Kaplan et al. 2020, "Scaling Laws for Neural Language Models",
+arXiv:2001.08361, §2.1: forward ``2N`` per token, backward twice the forward, so ``6N`` per token for training).
+For each of encoder, projector and LLM::
 
     F_params = (6 * N_trainable + 2 * N_frozen) * tokens
 
@@ -17,11 +36,17 @@ encoder, projector and LLM::
   are Linears) plus the conv stem (below). Biases, norm scales and activations cost O(d) per token, not
   O(d²) (about 1/d of the matmuls: < 0.1 % at Whisper-large / Qwen2.5 widths), and are left out, as is
   every ``nn.Embedding``: the LLM's input embedding and Whisper's positional table are lookups, not
-  matmuls. The **LM head is included** (``V * d`` weights, 2·V·d FLOPs per token forward) whether or not it
-  is tied to the input embedding: tying shares the storage, not the computation.
+  matmuls. Sizes are whole-parameter sizes also when a process holds a shard (:func:`full_numel`).
+- The **LM head** (``V * d`` weights, whether or not tied to the input embedding: tying shares the storage, not
+  the computation) is applied only to the **target positions** of the step, ``(6 or 2) * V * d`` FLOPs each:
+  the training loss (:func:`~aero_lightning.model.liger.linear_cross_entropy_sum`) projects only positions
+  that carry a label (the reply tokens of an ASR sample), never the audio and prompt positions, which are most
+  of the row. Target positions are ``labels[:, 1:] != -100``, the count the loss uses (:func:`batch_targets`);
+  without a count (``target_tokens=None``) every real token is projected, as a forward that returns full logits
+  does.
 - A weight is trainable when its ``requires_grad`` is True (``AeroModel.apply_freeze``). Frozen weights
-  cost the forward only, ``2N`` (no backward pass runs through them). This is a lower bound: a frozen component *above* a
-  trainable one (the LLM when only the projector trains, or frozen LoRA base weights) still
+  cost the forward only, ``2N`` (no backward pass runs through them). This is a lower bound: a frozen component
+  *above* a trainable one (the LLM when only the projector trains, or frozen LoRA base weights) still
   back-propagates activation gradients, ``4N`` in reality, so MFU is conservative for such runs.
   Conversely ``6N`` for a trainable first layer (conv1, whose mel input needs no gradient) over-counts by
   ``2N``; PaLM and Kaplan ignore both.
@@ -34,14 +59,14 @@ encoder, projector and LLM::
   mel frames, which is ``2 * frames`` or one less, so the stem is over-counted by at most one conv1 output
   position per window (none for a full 30 s window). The optional CTC head (a Linear on encoder frames)
   is counted with the encoder.
-- **Projector**: ``tokens`` = projector **output** tokens, ``sum over windows of projected_tokens(frames, k)`` (:mod:`aero_lightning.data.audio_tokens`), which
-  equal the ``<|AUDIO|>`` slots the LLM receives. Both projectors apply all their Linears after the frames
-  are grouped (``mlp_stack``: fc1 sees ``k`` stacked frames, ``k*D_enc`` wide, once per output token;
-  ``avgpool_linear``: the Linear sees one pooled frame per output token), so output tokens, not input
-  frames, is the number of times each weight is applied. A zero-padded final group still goes through the
-  Linears and is counted.
+- **Projector**: ``tokens`` = projector **output** tokens, ``sum over windows of projected_tokens(frames, k)``
+  (:mod:`aero_lightning.data.audio_tokens`), which equal the ``<|AUDIO|>`` slots the LLM receives. Both
+  projectors apply all their Linears after the frames are grouped (``mlp_stack``: fc1 sees ``k`` stacked frames,
+  ``k*D_enc`` wide, once per output token; ``avgpool_linear``: the Linear sees one pooled frame per output token),
+  so output tokens, not input frames, is the number of times each weight is applied. A zero-padded final group
+  still goes through the Linears and is counted.
 - **LLM**: ``tokens`` = real tokens (``attention_mask`` ones of a padded batch; every position of a packed
-  row), audio and text alike; padding never counts.
+  row), audio and text alike; padding never counts. The LM head: target positions, above.
 
 **Attention term** (PaLM, Chowdhery et al. 2022, arXiv:2204.02311, appendix B: ``6N + 12·L·H·Q·T`` FLOPs
 per token). Per layer and per sequence of ``s`` tokens with ``H`` query heads of size ``Q``, the forward
@@ -60,8 +85,8 @@ document or a 30 s encoder window), so the cost is a sum over documents::
 - A layer counts as trainable (12) when any parameter of its block (``...layers.<i>.``) requires grad,
   else as forward only (4, a third of 12). The projector has no attention.
 - **Causal masks are not halved**: the causal LLM and the bidirectional encoder use the same ``s²``
-  formula, as PaLM does. A causal kernel that skips masked blocks (FlashAttention) does about half of this
-  work, so the LLM attention term is an upper bound on the useful work; keeping PaLM's convention makes
+  formula, as PaLM (and lmms-engine) do. A causal kernel that skips masked blocks (FlashAttention) does about half
+  of this work, so the LLM attention term is an upper bound on the useful work; keeping PaLM's convention makes
   the numbers comparable with published MFU.
 - Softmax, RoPE, norms and the embedding lookup are not counted.
 
@@ -80,6 +105,7 @@ import torch
 from torch import nn
 
 from aero_lightning.data.audio_tokens import AudioTokenCounter
+from aero_lightning.model.liger import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from aero_lightning.model.aero import AeroModel
@@ -181,6 +207,9 @@ class ComponentParams:
         trainable_layers: attention layers whose block has a trainable parameter (fwd+bwd attention).
         frozen_layers: attention layers with no trainable parameter (forward-only attention).
         attn_width: query width ``d = heads * head_dim`` of the attention (0 without attention).
+        head_trainable: LM-head weights (``V * d``, LLM only) with ``requires_grad``, applied once per target
+            position (not in ``trainable``).
+        head_frozen: the same, frozen.
     """
 
     trainable: int = 0
@@ -190,6 +219,8 @@ class ComponentParams:
     trainable_layers: int = 0
     frozen_layers: int = 0
     attn_width: int = 0
+    head_trainable: int = 0
+    head_frozen: int = 0
 
     @property
     def layers(self) -> int:
@@ -197,8 +228,12 @@ class ComponentParams:
         return self.trainable_layers + self.frozen_layers
 
     def param_flops(self, tokens: int) -> int:
-        """``(6 * N_trainable + 2 * N_frozen) * tokens`` FLOPs, conv stem included."""
+        """``(6 * N_trainable + 2 * N_frozen) * tokens`` FLOPs, conv stem included, LM head excluded."""
         return (6 * (self.trainable + self.stem_trainable) + 2 * (self.frozen + self.stem_frozen)) * tokens
+
+    def head_flops(self, target_tokens: int) -> int:
+        """``(6 * V·d trainable + 2 * V·d frozen) * target_tokens`` FLOPs of the LM head."""
+        return (6 * self.head_trainable + 2 * self.head_frozen) * target_tokens
 
     def attention_flops(self, sum_sq: int) -> int:
         """``(12 * L_trainable + 4 * L_frozen) * d * sum_sq`` FLOPs, ``sum_sq = Σ sᵢ²`` over documents."""
@@ -212,14 +247,50 @@ class ModelParams:
     Attributes:
         encoder: encoder counts (conv stem, layers, CTC head if any); tokens = encoder frames.
         projector: projector counts; tokens = projector output tokens.
-        llm: LLM counts (LM head included, input embedding excluded); tokens = real LLM tokens.
+        llm: LLM counts (input embedding excluded; the LM head apart, in ``head_trainable``/``head_frozen``);
+            tokens = real LLM tokens, the head's tokens = target positions.
         projector_downsample: encoder frames per projector output token ``k``.
+        lmms_engine: lmms-engine's LLM counts from the LLM config (:class:`LmmsEngineParams`).
     """
 
     encoder: ComponentParams
     projector: ComponentParams
     llm: ComponentParams
     projector_downsample: int
+    lmms_engine: LmmsEngineParams
+
+
+@dataclass(frozen=True)
+class LmmsEngineParams:
+    """The LLM figures lmms-engine's ``FlopsCounter._estimate_qwen2_flops`` reads from the LLM config.
+
+    Attributes:
+        dense: ``N_lmms = L * (3*h*I + h*(q + k + v + o)) + 2*V*h`` weights (module docstring).
+        attn: ``head_dim * H * L``, the factor of ``12 * Σ sᵢ²`` in its attention term.
+    """
+
+    dense: int = 0
+    attn: int = 0
+
+    def flops(self, doc_lengths: Sequence[int]) -> int:
+        """``6 * dense * Σ sᵢ + 12 * attn * Σ sᵢ²`` FLOPs."""
+        return 6 * self.dense * sum(doc_lengths) + 12 * self.attn * sum(s * s for s in doc_lengths)
+
+
+def lmms_engine_params(llm_config) -> LmmsEngineParams:
+    """:class:`LmmsEngineParams` of an HF Qwen2 / Llama-style config (``get_text_config()`` of the LLM).
+
+    Args:
+        llm_config: with ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
+            ``num_key_value_heads``, ``vocab_size`` and optionally ``head_dim``.
+    """
+    h, inter, layers = llm_config.hidden_size, llm_config.intermediate_size, llm_config.num_hidden_layers
+    heads, kv_heads = llm_config.num_attention_heads, llm_config.num_key_value_heads
+    head_dim = getattr(llm_config, "head_dim", None) or h // heads
+    q = o = heads * head_dim
+    k = v = kv_heads * head_dim
+    dense = layers * (3 * h * inter + h * (q + k + v + o)) + 2 * llm_config.vocab_size * h
+    return LmmsEngineParams(dense=dense, attn=head_dim * heads * layers)
 
 
 def full_numel(param: torch.Tensor) -> int:
@@ -233,10 +304,10 @@ def full_numel(param: torch.Tensor) -> int:
     return int(ds_numel) if ds_numel is not None else param.numel()
 
 
-def _linear_weights(module: nn.Module) -> tuple[int, int]:
+def _linear_weights(module: nn.Module, skip: nn.Module | None = None) -> tuple[int, int]:
     trainable = frozen = 0
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) and m is not skip:
             n = full_numel(m.weight)
             if m.weight.requires_grad:
                 trainable += n
@@ -313,20 +384,33 @@ def count_params(model: AeroModel) -> ModelParams:
 
     llm_cfg = model.llm.config.get_text_config()
     head_dim = getattr(llm_cfg, "head_dim", None) or llm_cfg.hidden_size // llm_cfg.num_attention_heads
-    llm_t, llm_f = _linear_weights(model.llm)
     head = model.llm.get_output_embeddings()
-    if head is not None and not isinstance(
-        head, nn.Linear
-    ):  # a head that is not an nn.Linear still costs V·d
+    llm_t, llm_f = _linear_weights(model.llm, skip=head)  # the head is applied at target positions only
+    head_t = head_f = 0
+    if head is not None:
         if head.weight.requires_grad:
-            llm_t += full_numel(head.weight)
+            head_t = full_numel(head.weight)
         else:
-            llm_f += full_numel(head.weight)
+            head_f = full_numel(head.weight)
     llm_lt, llm_lf = _layer_status(model.llm, llm_cfg.num_hidden_layers, "llm")
     llm = ComponentParams(
-        llm_t, llm_f, 0, 0, llm_lt, llm_lf, attn_width=llm_cfg.num_attention_heads * head_dim
+        llm_t,
+        llm_f,
+        0,
+        0,
+        llm_lt,
+        llm_lf,
+        attn_width=llm_cfg.num_attention_heads * head_dim,
+        head_trainable=head_t,
+        head_frozen=head_f,
     )
-    return ModelParams(encoder, projector, llm, projector_downsample=int(model.projector.downsample))
+    return ModelParams(
+        encoder,
+        projector,
+        llm,
+        projector_downsample=int(model.projector.downsample),
+        lmms_engine=lmms_engine_params(llm_cfg),
+    )
 
 
 def _ints(lengths: Sequence[int] | torch.Tensor, what: str) -> list[int]:
@@ -344,31 +428,38 @@ def step_flops(
     params: ModelParams,
     encoder_window_frames: Sequence[int] | torch.Tensor,
     llm_doc_lengths: Sequence[int] | torch.Tensor,
+    target_tokens: int | None = None,
 ) -> dict[str, int]:
-    """Model FLOPs of one training step over the given real lengths (conventions: module docstring).
+    """Model FLOPs of one training step over the given real lengths, in both conventions (module docstring).
 
     Args:
         params: :func:`count_params` of the model.
         encoder_window_frames: encoder frames (after the conv stem) of every 30 s window of the step; empty
             for text-only batches.
         llm_doc_lengths: real tokens of every LLM document of the step (padding excluded).
+        target_tokens: positions the loss projects to the vocabulary (:func:`batch_targets`); None: every real
+            LLM token (a forward that returns full logits).
 
     Returns:
-        FLOPs (exact integers): ``encoder``, ``projector``, ``llm`` (each with its attention) and ``total``;
-        ``encoder_attention`` and ``llm_attention`` are the attention parts already inside ``encoder`` and
-        ``llm``.
+        FLOPs (exact integers). Whole model: ``encoder``, ``projector``, ``llm`` (each with its attention; the LLM
+        with its LM head) and their sum ``total``; ``encoder_attention``, ``llm_attention`` and ``llm_head`` are
+        parts already inside ``encoder`` and ``llm``. LLM only, as lmms-engine counts: ``lmms_engine``.
 
     Raises:
-        ValueError: on a negative length.
+        ValueError: on a negative length or target count, or more targets than LLM tokens.
     """
     frames = _ints(encoder_window_frames, "encoder_window_frames")
     docs = _ints(llm_doc_lengths, "llm_doc_lengths")
+    targets = sum(docs) if target_tokens is None else int(target_tokens)
+    if not 0 <= targets <= sum(docs):
+        raise ValueError(f"target_tokens must be in [0, {sum(docs)}] (the LLM tokens), got {targets}")
     k = params.projector_downsample
     enc_attn = params.encoder.attention_flops(sum(s * s for s in frames))
     llm_attn = params.llm.attention_flops(sum(s * s for s in docs))
+    llm_head = params.llm.head_flops(targets)
     encoder = params.encoder.param_flops(sum(frames)) + enc_attn
     projector = params.projector.param_flops(sum(-(-s // k) for s in frames))
-    llm = params.llm.param_flops(sum(docs)) + llm_attn
+    llm = params.llm.param_flops(sum(docs)) + llm_attn + llm_head
     return {
         "encoder": encoder,
         "projector": projector,
@@ -376,7 +467,26 @@ def step_flops(
         "total": encoder + projector + llm,
         "encoder_attention": enc_attn,
         "llm_attention": llm_attn,
+        "llm_head": llm_head,
+        "lmms_engine": params.lmms_engine.flops(docs),
     }
+
+
+def batch_targets(batch: Mapping[str, object]) -> int:
+    """Positions of a collated batch that the training loss projects to the vocabulary.
+
+    The loss predicts ``labels[:, 1:]`` from the hidden states ``[:, :-1]`` and keeps the labels that are not -100
+    (:meth:`~aero_lightning.model.aero.AeroModel.forward`), so this is its ``num_target_tokens``. A packed row's
+    shift runs across document boundaries, where the first label of a document is -100 (prompt), as in the loss.
+    A tensor on a GPU is summed there and copied to the host (a synchronisation).
+
+    Args:
+        batch: a batch with ``labels`` ``(B, L)``; without ``labels`` (generation), 0.
+    """
+    labels = batch.get("labels")
+    if labels is None:
+        return 0
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
 def batch_lengths(

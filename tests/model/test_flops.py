@@ -12,6 +12,7 @@ from aero_lightning.data.packing import collate_packed, collate_padded
 from aero_lightning.model.flops import (
     PEAK_FLOPS_BF16,
     batch_lengths,
+    batch_targets,
     count_params,
     mfu,
     peak_flops,
@@ -38,7 +39,12 @@ LLM_LAYER = (
     + HEADS * HEAD_DIM * LLM_D  # o_proj
     + 3 * LLM_D * LLM_FFN  # gate, up, down (SwiGLU)
 )
-LLM_LINEAR = LLM_LAYERS * LLM_LAYER + VOCAB * LLM_D  # + tied LM head, input embedding excluded: 92 928
+HEAD = VOCAB * LLM_D  # the tied LM head, applied at target positions only: 19 200
+LLM_LINEAR = LLM_LAYERS * LLM_LAYER + HEAD  # input embedding excluded: 92 928
+# lmms-engine's LLM count from the config: every layer weight, plus input embedding and LM head (2·V·h)
+LMMS_N = (
+    LLM_LAYERS * (3 * LLM_D * LLM_FFN + LLM_D * (2 * HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM)) + 2 * HEAD
+)
 
 
 def _check_config(model) -> None:
@@ -60,16 +66,23 @@ DOCS = [40, 25]  # LLM tokens of two documents
 PROJ_TOKENS = 13 + 4  # ceil(50 / 4) + ceil(13 / 4)
 
 
+TARGETS = 12  # positions the loss projects to the vocabulary (of the 65 LLM tokens)
+
+
 def test_hand_worked_count_all_trainable(make_model):
     model = make_model()
     _check_config(model)
     assert ENC_LINEAR == 65_536 and ENC_STEM == 43_008 and PROJ == 40_960 and LLM_LINEAR == 92_928
-    flops = step_flops(count_params(model), FRAMES, DOCS)
+    assert HEAD == 19_200 and LMMS_N == 112_128
+    params = count_params(model)
+    flops = step_flops(params, FRAMES, DOCS, target_tokens=TARGETS)
     enc_attn = 12 * ENC_LAYERS * ENC_D * (50**2 + 13**2)
     llm_attn = 12 * LLM_LAYERS * HEADS * HEAD_DIM * (40**2 + 25**2)
     encoder = 6 * (ENC_LINEAR + ENC_STEM) * (50 + 13) + enc_attn
     projector = 6 * PROJ * PROJ_TOKENS
-    llm = 6 * LLM_LINEAR * (40 + 25) + llm_attn
+    head = 6 * HEAD * TARGETS  # the LM head at target positions only
+    llm = 6 * (LLM_LINEAR - HEAD) * (40 + 25) + llm_attn + head
+    lmms = 6 * LMMS_N * (40 + 25) + 12 * (40**2 + 25**2) * HEAD_DIM * HEADS * LLM_LAYERS
     assert flops == {
         "encoder": encoder,
         "projector": projector,
@@ -77,8 +90,26 @@ def test_hand_worked_count_all_trainable(make_model):
         "total": encoder + projector + llm,
         "encoder_attention": enc_attn,
         "llm_attention": llm_attn,
+        "llm_head": head,
+        "lmms_engine": lmms,
     }
-    assert flops["total"] == 88_966_656  # the same sum, as a literal
+    assert flops["total"] == 82_861_056 and flops["lmms_engine"] == 47_147_520  # the same sums, as literals
+    # no target count: the head at every real token (a forward that returns full logits), the old figure
+    everywhere = step_flops(params, FRAMES, DOCS)
+    assert everywhere["llm_head"] == 6 * HEAD * 65 and everywhere["total"] == 88_966_656
+    assert everywhere["lmms_engine"] == lmms  # lmms-engine's count has no notion of targets
+    with pytest.raises(ValueError, match="target_tokens must be in"):
+        step_flops(params, FRAMES, DOCS, target_tokens=66)
+
+
+def test_lmms_engine_count_is_its_formula_on_the_config(make_model):
+    """lmms-engine's FlopsCounter._estimate_qwen2_flops, written out on the tiny Qwen2 config: it counts neither
+    the encoder nor the projector, counts frozen weights as trainable, and the embedding too."""
+    params = count_params(make_model(freeze=["^encoder\\.", "^llm\\."]))
+    assert params.llm.trainable == params.llm.head_trainable == 0 and params.llm.frozen == LLM_LINEAR - HEAD
+    assert params.lmms_engine.dense == LMMS_N and params.lmms_engine.attn == HEAD_DIM * HEADS * LLM_LAYERS
+    flops = step_flops(params, [1500], [100])  # a long audio window does not change it
+    assert flops["lmms_engine"] == 6 * 112_128 * 100 + 12 * 100**2 * 128 == 82_636_800
 
 
 def test_frozen_encoder_costs_forward_only(make_model):
@@ -103,7 +134,8 @@ def test_frozen_llm_layers_are_counted_per_layer(make_model):
     model = make_model(freeze=["^llm\\.model\\.layers\\.0\\."])
     params = count_params(model)
     assert (params.llm.trainable_layers, params.llm.frozen_layers) == (1, 1)
-    assert (params.llm.trainable, params.llm.frozen) == (LLM_LINEAR - LLM_LAYER, LLM_LAYER)
+    assert (params.llm.trainable, params.llm.frozen) == (LLM_LINEAR - HEAD - LLM_LAYER, LLM_LAYER)
+    assert (params.llm.head_trainable, params.llm.head_frozen) == (HEAD, 0)
     flops = step_flops(params, [], [10])
     assert flops["llm_attention"] == (12 + 4) * LLM_D * 10**2
     assert flops["llm"] == (6 * (LLM_LINEAR - LLM_LAYER) + 2 * LLM_LAYER) * 10 + flops["llm_attention"]
@@ -186,7 +218,8 @@ def test_count_params_matches_the_model(make_model):
 
     assert (params.encoder.trainable, params.encoder.frozen) == (0, total("encoder.", False))
     assert (params.projector.trainable, params.projector.frozen) == (total("projector.", True), 0)
-    assert (params.llm.trainable, params.llm.frozen) == (total("llm.", True) + head, 0)
+    assert (params.llm.trainable, params.llm.frozen) == (total("llm.", True), 0)  # the head apart:
+    assert (params.llm.head_trainable, params.llm.head_frozen) == (head, 0)
     conv1, conv2 = named["encoder.encoder.conv1.weight"], named["encoder.encoder.conv2.weight"]
     assert params.encoder.stem_frozen == conv1.numel() * model.encoder.encoder.conv2.stride[0] + conv2.numel()
     assert (params.encoder.layers, params.llm.layers) == (ENC_LAYERS, LLM_LAYERS)
@@ -252,6 +285,35 @@ def test_training_flops_match_flop_counter(make_model, make_samples, make_batch)
     assert expected["total"] - counter.get_total_flops() == conv1_input_grad
 
 
+def test_training_loss_path_projects_target_positions_only(make_model, make_samples, make_batch):
+    """The training forward (``return_logits=False``) applies the LM head to the target positions only, which is
+    what step_flops counts with ``target_tokens=batch_targets(batch)``. FlopCounterMode also sees the hardware
+    extra of the chunked loss, whose head matmul is recomputed in backward (``2·V·d`` per target), and misses
+    conv1's input gradient as above; everything else agrees exactly."""
+    eager = {"attn_implementation": "eager"}
+    model = make_model(encoder_kwargs=eager, llm_kwargs=eager).train()
+    batch = make_batch(model, make_samples([1.0]))
+    targets = batch_targets(batch)
+    assert (
+        0 < targets < batch["attention_mask"].sum() - 20
+    )  # the audio and prompt positions are most of the row
+    expected = step_flops(count_params(model), *batch_lengths(batch), target_tokens=targets)
+    with FlopCounterMode(display=False) as counter:
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            input_features=batch["input_features"],
+            feature_lengths=batch["feature_lengths"],
+            labels=batch["labels"],
+            return_logits=False,
+        )
+        (out.loss_sum / out.num_target_tokens).backward()
+    assert int(out.num_target_tokens) == targets
+    conv1_input_grad = 2 * (N_MELS * ENC_D * 3) * int(batch["feature_lengths"][0])
+    recompute = 2 * HEAD * targets
+    assert counter.get_total_flops() - expected["total"] == recompute - conv1_input_grad
+
+
 def test_count_params_uses_the_full_size_of_partitioned_weights(make_model):
     """Under DeepSpeed ZeRO-3 a partitioned parameter's data is empty outside its module's forward and its full
     size is ``ds_numel``: the counts are those of the whole model (the two-process ZeRO-3 run in
@@ -262,5 +324,5 @@ def test_count_params_uses_the_full_size_of_partitioned_weights(make_model):
         p.data = torch.empty(0)
     params = count_params(model)
     assert (params.encoder.trainable, params.encoder.stem_trainable) == (ENC_LINEAR, ENC_STEM)
-    assert (params.projector.trainable, params.llm.trainable) == (PROJ, LLM_LINEAR)
-    assert params.encoder.frozen == params.llm.frozen == 0
+    assert (params.projector.trainable, params.llm.trainable) == (PROJ, LLM_LINEAR - HEAD)
+    assert params.llm.head_trainable == HEAD and params.encoder.frozen == params.llm.frozen == 0
