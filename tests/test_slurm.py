@@ -1,5 +1,5 @@
-"""SLURM: the sbatch script, the SLURM cluster environment, and preemption (SIGUSR1 -> hpc checkpoint -> requeue ->
-resume with the next unseen batches) on a CPU training run under fake SLURM variables."""
+"""SLURM: the sbatch script (run under fake ``srun`` and ``scontrol``) and the SLURM cluster environment. Preemption
+(signal -> checkpoint at a step boundary -> requeue -> resume) is tested in ``tests/test_preemption.py``."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers.tiny import build_tiny
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from aero_lightning.data.synth import build_demo_corpus
-from aero_lightning.model.tiny import corpus_texts
 from aero_lightning.strategies import slurm_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +58,7 @@ def test_sbatch_passes_shellcheck():
 
 def test_sbatch_directives():
     directives = [line.split()[1] for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
-    assert "--signal=SIGUSR1@120" in directives
+    assert "--signal=USR1@300" in directives  # 300 s to write ~31 GB (the comment in the script says why)
     assert "--requeue" in directives and "--open-mode=append" in directives
     assert (
         "--nodes=2" in directives
@@ -127,21 +122,18 @@ def test_sbatch_runs_one_task_per_gpu_with_nodes_and_gpus_from_slurm(tmp_path, f
     assert (tmp_path / "logs").is_dir() and (tmp_path / "outputs/aero_full/slurm-4242").is_dir()
 
 
-def test_sbatch_requeued_after_a_node_failure_resumes_from_last_ckpt(tmp_path, fake_cluster):
-    """A restart without an hpc checkpoint (no signal came) continues from checkpoints/last.ckpt; with one, the
-    script leaves ckpt_path unset so that Lightning picks the hpc checkpoint."""
+def test_sbatch_leaves_the_resume_choice_to_train_py(tmp_path, fake_cluster):
+    """Whether an hpc checkpoint, a last.ckpt or both exist, on a first start or a restart, the script passes no
+    ckpt_path: train.py resumes from the one with the higher global step (aero_lightning.tasks.train.resume_path;
+    the script used to pass last.ckpt only when no hpc checkpoint existed, so a stale hpc checkpoint won)."""
     bin_dir, record = fake_cluster
     run_dir = tmp_path / "outputs/aero_full/slurm-4242"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
-    assert _run_sbatch(tmp_path, bin_dir).returncode == 0  # first start: nothing to resume
-    assert not any(a.startswith("ckpt_path=") for a in json.loads(record.read_text())["argv"])
-    assert _run_sbatch(tmp_path, bin_dir, SLURM_RESTART_COUNT="1").returncode == 0
-    argv = json.loads(record.read_text())["argv"]
-    assert argv[-1] == "ckpt_path=outputs/aero_full/slurm-4242/checkpoints/last.ckpt"
-    (run_dir / "hpc_ckpt_1.ckpt").write_bytes(b"")
-    assert _run_sbatch(tmp_path, bin_dir, SLURM_RESTART_COUNT="2").returncode == 0
-    assert not any(a.startswith("ckpt_path=") for a in json.loads(record.read_text())["argv"])
+    for files, restarts in (((), "0"), (("checkpoints/last.ckpt",), "1"), (("hpc_ckpt_2.ckpt",), "2")):
+        for name in files:
+            (run_dir / name).write_bytes(b"")
+        assert _run_sbatch(tmp_path, bin_dir, SLURM_RESTART_COUNT=restarts).returncode == 0
+        assert not any(a.startswith("ckpt_path=") for a in json.loads(record.read_text())["argv"])
 
 
 def test_sbatch_refuses_more_tasks_than_gpus(tmp_path, fake_cluster):
@@ -168,95 +160,3 @@ def test_slurm_environment_only_under_srun(monkeypatch):
         "SLURM_JOB_NAME", "interactive"
     )  # `srun --pty bash`-style sessions are not jobs to requeue
     assert slurm_environment() is None
-
-
-# ------------------------------------------------------------------------------------------------ preemption
-@pytest.fixture(scope="module")
-def demo_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm")
-    corpus = root / "corpus"
-    build_demo_corpus(corpus, num_train=24, num_val=4, num_test=4, seed=0, shard_size=8, progress=False)
-    model = root / "model"
-    build_tiny(model, corpus_texts(corpus))
-    return root, corpus, model
-
-
-def _train(run_dir: Path, keys: Path, env: dict, corpus: Path, model: Path, signal_at_step: int | None):
-    overrides = [
-        "experiment=demo",
-        f"paths.demo_corpus_dir={corpus}",
-        f"paths.demo_model_dir={model}",
-        f"hydra.run.dir={run_dir}",
-        "data.num_workers=1",  # a forked worker: SLURM signals it too
-        "data.packing.packing_length=400",
-        "data.packing.buffer_size=16",
-        "trainer.enable_progress_bar=false",
-        "trainer.max_steps=6",
-        "trainer.val_check_interval=100",
-        "trainer.limit_val_batches=0",
-        "run_test=false",
-        "+callbacks.recorder._target_=helpers.batch_recorder.BatchRecorder",
-        f"+callbacks.recorder.path={keys}",
-        f"+callbacks.recorder.signal_at_step={'null' if signal_at_step is None else signal_at_step}",
-    ]
-    return subprocess.run(
-        [sys.executable, "train.py", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        start_new_session=True,  # the run signals its own process group, like SLURM signals a job step
-    )
-
-
-def _steps(keys: Path) -> dict[int, list[str]]:
-    return {r["step"]: r["keys"] for r in map(json.loads, keys.read_text().splitlines())}
-
-
-def test_sigusr1_saves_hpc_checkpoint_requeues_and_resumes_with_next_unseen_batches(demo_env, tmp_path):
-    _, corpus, model = demo_env
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    requeue_log = tmp_path / "scontrol.log"
-    # scontrol requeue: record, then terminate the job the way SLURM does before requeueing it
-    _script(bin_dir / "scontrol", f'echo "$*" >> {requeue_log}\nkill -TERM "$PPID"\n')
-    env = _clean_env(
-        PATH=f"{bin_dir}:{os.environ['PATH']}",
-        PYTHONPATH=str(ROOT / "tests"),
-        HYDRA_FULL_ERROR="1",
-        PYTHONUNBUFFERED="1",
-        **SLURM_VARS,
-    )
-
-    reference = _train(tmp_path / "reference", tmp_path / "reference.jsonl", env, corpus, model, None)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = _steps(tmp_path / "reference.jsonl")
-    assert sorted(expected) == [0, 1, 2, 3, 4, 5]
-    assert not requeue_log.exists()
-
-    run_dir = tmp_path / "job"
-    first = _train(run_dir, tmp_path / "first.jsonl", env, corpus, model, signal_at_step=3)
-    log = first.stdout + first.stderr
-    assert "DataLoader worker" not in log, log[-3000:]  # the forked worker ignored the signal
-    assert log.count("Handling auto-requeue signal") == 1
-    assert requeue_log.read_text().splitlines() == ["requeue 777"]  # once, by rank 0, with the job id
-    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt"]
-    ckpt = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 3
-    assert ckpt["AeroDataModule"]["ranks"][0]["consumed"] == 3  # the data-stream position came along
-    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"][0]["last_epoch"] == 3
-    first_steps = _steps(tmp_path / "first.jsonl")
-    assert sorted(first_steps) == [0, 1, 2]  # SIGTERM after the requeue ended the job
-    assert all(first_steps[s] == expected[s] for s in first_steps)
-    assert not (run_dir / "result.json").exists()
-
-    resumed = _train(run_dir, tmp_path / "resumed.jsonl", env, corpus, model, None)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "hpc_ckpt_1.ckpt" in resumed.stdout + resumed.stderr  # Lightning restored from the hpc checkpoint
-    resumed_steps = _steps(tmp_path / "resumed.jsonl")
-    assert sorted(resumed_steps) == [3, 4, 5]
-    assert [resumed_steps[s] for s in (3, 4, 5)] == [expected[s] for s in (3, 4, 5)]  # next unseen batches
-    assert requeue_log.read_text().splitlines() == ["requeue 777"]
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["global_step"] == 6

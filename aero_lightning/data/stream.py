@@ -33,6 +33,7 @@ resumed run continues with exactly the batches an uninterrupted run would have p
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -44,6 +45,24 @@ from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.data.shard_reader import decode_waveform, dist_rank_world, iter_tar, parse_sample
 
 logger = logging.getLogger(__name__)
+
+JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+"""Signals SLURM sends to every process of a job step before ending it; meant for the trainer only."""
+
+
+def ignore_job_signals() -> None:
+    """Make this DataLoader worker ignore :data:`JOB_SIGNALS`.
+
+    SLURM signals the workers too. The trainer acts on the signal at the next step boundary
+    (:mod:`aero_lightning.callbacks.preemption`) and needs its workers until then, but torch gives every worker a
+    SIGTERM handler (``_set_worker_signal_handlers``, run at the start of ``_worker_loop``, after fork) that
+    re-raises any SIGTERM not sent by the parent, and SIGUSR1's default action ends the process: the worker would
+    die and the trainer fail with "DataLoader worker ... is killed by signal" in the middle of the preemption step.
+    Runs in the worker, after torch's set-up. Workers still stop when the trainer shuts them down (the DataLoader
+    sends them a stop message) or exits (their watchdog sees the parent gone).
+    """
+    for sig in JOB_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def shard_weights(num_shards: int, reader: int, num_readers: int) -> dict[int, int]:
@@ -351,6 +370,8 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
+        if info is not None:
+            ignore_job_signals()
         slot, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = dist_rank_world()
         restored = self.resume.get(slot)

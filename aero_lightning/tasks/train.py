@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from fnmatch import fnmatch
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from aero_lightning.callbacks.preemption import HPC_PATTERN, resume_checkpoint
 from aero_lightning.lit_module import AeroLitModule
 from aero_lightning.model.freeze import unfreezable
 
@@ -26,7 +29,7 @@ def build_strategy(cfg: DictConfig):
 def build_plugins(cfg: DictConfig | None) -> list:
     """The ``plugins`` group: each entry instantiated; entries that build None (not applicable here) are dropped.
 
-    ``plugins.slurm`` is Lightning's ``SLURMEnvironment`` with auto-requeue under ``srun`` and None elsewhere
+    ``plugins.slurm`` is Lightning's ``SLURMEnvironment`` under ``srun`` and None elsewhere
     (:func:`aero_lightning.strategies.slurm_environment`).
     """
     built = [instantiate(c) for c in (cfg or {}).values() if c is not None]
@@ -46,12 +49,46 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     )
 
 
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes from: ``cfg.ckpt_path`` when given, else, for an interrupted run,
+    the newest checkpoint of its run folder.
+
+    A requeued or restarted job runs in the same folder (``slurm/aero.sbatch`` names it after the job id; submitit
+    re-runs a sweep job in its own), which may hold preemption checkpoints (``hpc_ckpt_<step>.ckpt``,
+    :mod:`aero_lightning.callbacks.preemption`) and the periodic ``checkpoints/last.ckpt``. The one with the higher
+    ``global_step`` wins: an hpc checkpoint from an earlier requeue must not win over a later ``last.ckpt``, which
+    Lightning's own choice (``ckpt_path=None`` under SLURM: always the newest hpc checkpoint) would do.
+
+    The run counts as interrupted when SLURM restarted the job (``SLURM_RESTART_COUNT > 0``: requeued by the
+    preemption callback, by SLURM's own preemption, or after a node failure, when no signal came and only
+    ``last.ckpt`` may exist), or when its newest checkpoint is an hpc checkpoint (a run stopped by SIGTERM outside
+    SLURM). A run folder that is reused otherwise (``experiment=demo`` always writes ``outputs/demo``), or whose run
+    went on to a later ``last.ckpt``, starts training anew, as it always did.
+    """
+    if cfg.get("ckpt_path") is not None:
+        return cfg.ckpt_path
+    output_dir = Path(cfg.paths.output_dir)
+    hpc_dir = Path(OmegaConf.select(cfg, "callbacks.preemption.dirpath", default=None) or output_dir)
+    ckpt_dir = (
+        OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
+        or output_dir / "checkpoints"
+    )
+    restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    if not (restarted or any(hpc_dir.glob(HPC_PATTERN))):
+        return None
+    found = resume_checkpoint(hpc_dir, Path(ckpt_dir) / "last.ckpt")
+    if found is None or not (restarted or fnmatch(found[0].name, HPC_PATTERN)):
+        return None
+    logger.info("resuming from %s (global step %d, the newest checkpoint of this run folder)", *found)
+    return str(found[0])
+
+
 def train(cfg: DictConfig) -> dict:
     """Run a training job.
 
     Steps: seed; check every data folder (a missing or empty one fails here, before the model is loaded); build the
-    model with ``from_pretrained``; fit (``cfg.ckpt_path`` resumes); decode ``data.test_dir`` greedily and score
-    WER if ``cfg.run_test``.
+    model with ``from_pretrained``; fit (resuming from ``cfg.ckpt_path``, else, for an interrupted run, from its
+    newest checkpoint: :func:`resume_path`); decode ``data.test_dir`` greedily and score WER if ``cfg.run_test``.
 
     Returns:
         ``{"output_dir", "best_checkpoint", "last_checkpoint", "test": {...WER...}}``.
@@ -82,7 +119,7 @@ def train(cfg: DictConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
     result = {"output_dir": str(output_dir), "data_rejected": datamodule.rejected_counts()}
     if result["data_rejected"]:
         logger.warning("training samples skipped (this rank, by reason): %s", result["data_rejected"])
