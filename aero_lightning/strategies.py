@@ -12,22 +12,21 @@ Lightning is the engine; this module only adds what the project needs on top of 
 - :class:`FSDP2Strategy`: Lightning's ``ModelParallelStrategy`` as pure data-parallel FSDP2 (tensor parallel size 1),
   with :func:`apply_fsdp2` (``fully_shard`` on every transformer block of encoder and LLM, then the root) as the
   sharding plan. The LightningModule applies it in ``configure_model`` (:class:`FSDP2Mixin`).
-- :func:`slurm_environment`: Lightning's ``SLURMEnvironment`` (auto-requeue on a signal: an ``hpc_ckpt_N.ckpt`` in
-  ``trainer.default_root_dir``, then ``scontrol requeue``) when the process runs under ``srun``, None otherwise.
+- :func:`slurm_environment`: Lightning's ``SLURMEnvironment`` (ranks and world size from ``srun``) with Lightning's
+  own requeue handling off, when the process runs under ``srun`` and not under ``torchrun``; None otherwise.
+  Preemption is handled by :class:`aero_lightning.callbacks.preemption.PreemptionCheckpoint`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
@@ -331,58 +330,23 @@ class FSDP2AeroLitModule(FSDP2Mixin, AeroLitModule):
 
 
 # ---------------------------------------------------------------------------------------------------- SLURM
-def _signal(value: str | int | signal.Signals) -> signal.Signals:
-    if isinstance(value, signal.Signals):
-        return value
-    if isinstance(value, int):
-        return signal.Signals(value)
-    name = str(value).upper()
-    return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
-
-
-_FORK_GUARDED: set[signal.Signals] = set()
-
-
-def _ignore_in_forked_children(sig: signal.Signals) -> None:
-    """Forked children (DataLoader workers) ignore ``sig`` instead of running the parent's Python handler.
-
-    SLURM signals every process of a job step, DataLoader workers included, and a forked worker inherits Lightning's
-    requeue handler: it would save a checkpoint from the worker and call ``scontrol requeue`` a second time (or die
-    on the default action). Registered once per signal and process.
-    """
-    if sig in _FORK_GUARDED or not hasattr(os, "register_at_fork"):
-        return
-    os.register_at_fork(after_in_child=lambda: signal.signal(sig, signal.SIG_IGN))
-    _FORK_GUARDED.add(sig)
-
-
-def slurm_environment(
-    auto_requeue: bool = True, requeue_signal: str | int = "SIGUSR1"
-) -> SLURMEnvironment | None:
+def slurm_environment() -> SLURMEnvironment | None:
     """Lightning's SLURM cluster environment when this process was started by ``srun``, else None.
 
-    Under SLURM (``SLURM_NTASKS`` set, job name not ``bash``/``interactive``), ranks, world size and the main
-    address come from the SLURM variables. With ``auto_requeue``, on ``requeue_signal`` (sbatch
-    ``--signal=SIGUSR1@120``) every rank saves ``hpc_ckpt_<N>.ckpt`` in ``trainer.default_root_dir`` (model,
-    optimizer, step and the data-stream state), rank 0 runs ``scontrol requeue <job id>``, and the requeued job resumes
-    from the newest ``hpc_ckpt_*.ckpt`` there when ``ckpt_path`` is null — so the run folder must not change between
-    requeues (``slurm/aero.sbatch`` names it after ``SLURM_JOB_ID``). With ``auto_requeue``, forked children
-    (DataLoader workers, which SLURM signals too) ignore the signal instead of inheriting Lightning's handler, which
-    would save a second checkpoint from the worker and requeue twice.
+    Under SLURM (``SLURM_NTASKS`` set, job name not ``bash``/``interactive``: ``SLURMEnvironment.detect()``), ranks,
+    world size and the main address come from the SLURM variables. Lightning's own requeue handling is off
+    (``auto_requeue=False``): it would save the checkpoint inside the SIGUSR1 handler, wherever each rank is in its
+    step (:mod:`aero_lightning.callbacks.preemption`, which saves at a step boundary instead).
 
-    Args:
-        auto_requeue: save and requeue on the signal; False leaves requeueing to someone else.
-        requeue_signal: signal name (``"SIGUSR1"``, ``"USR1"``) or number, as in sbatch ``--signal``.
+    None when ``torchrun`` started the processes, even inside a SLURM allocation (``TORCHELASTIC_RUN_ID`` set:
+    ``TorchElasticEnvironment.detect()``): one ``srun`` task then runs ``torchrun``, which starts one process per
+    GPU, and the SLURM variables describe the ``srun`` task, not these processes (``SLURM_PROCID`` is the node's
+    task, not the rank). Lightning then picks ``TorchElasticEnvironment`` itself, which it ranks above SLURM for
+    the same reason (``_AcceleratorConnector._choose_and_init_cluster_environment``).
 
     Returns:
-        A ``SLURMEnvironment`` (for ``Trainer(plugins=[...])``) or None outside SLURM.
-
-    Raises:
-        KeyError: for an unknown signal name.
+        A ``SLURMEnvironment`` (for ``Trainer(plugins=[...])``) or None.
     """
-    if not SLURMEnvironment.detect():
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
         return None
-    sig = _signal(requeue_signal)
-    if auto_requeue:
-        _ignore_in_forked_children(sig)
-    return SLURMEnvironment(auto_requeue=auto_requeue, requeue_signal=sig)
+    return SLURMEnvironment(auto_requeue=False)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 from pathlib import Path
 
+import lightning as L
 import pytest
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from aero_lightning.strategies import slurm_environment
 
@@ -144,19 +144,34 @@ def test_sbatch_refuses_more_tasks_than_gpus(tmp_path, fake_cluster):
 
 
 # ------------------------------------------------------------------------------------------------ environment
-def test_slurm_environment_only_under_srun(monkeypatch):
+def test_slurm_environment_only_under_srun_with_lightnings_requeue_off(monkeypatch):
     for key in list(os.environ):
-        if key.startswith("SLURM_"):
+        if key.startswith(("SLURM_", "TORCHELASTIC_")):
             monkeypatch.delenv(key)
     assert slurm_environment() is None
     for key, value in SLURM_VARS.items():
         monkeypatch.setenv(key, value)
-    env = slurm_environment(requeue_signal="USR1")
+    env = slurm_environment()
     assert isinstance(env, SLURMEnvironment)
-    assert env.auto_requeue and env.requeue_signal == signal.SIGUSR1
+    assert env.auto_requeue is False  # Lightning would save inside its signal handler, mid-step
     assert env.world_size() == 1 and env.global_rank() == 0 and env.job_id() == 777
-    assert slurm_environment(auto_requeue=False, requeue_signal="SIGUSR2").requeue_signal == signal.SIGUSR2
     monkeypatch.setenv(
         "SLURM_JOB_NAME", "interactive"
     )  # `srun --pty bash`-style sessions are not jobs to requeue
     assert slurm_environment() is None
+
+
+def test_slurm_environment_steps_aside_for_torchrun_inside_an_allocation(monkeypatch):
+    """``srun torchrun --nproc-per-node=8 train.py``: the SLURM variables describe the one srun task per node, not
+    torchrun's processes, so the environment must be Lightning's TorchElasticEnvironment."""
+    for key, value in SLURM_VARS.items():
+        monkeypatch.setenv(key, value)
+    torchrun = {"TORCHELASTIC_RUN_ID": "aero", "RANK": "3", "LOCAL_RANK": "3", "GROUP_RANK": "0",
+                "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}  # fmt: skip
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    assert SLURMEnvironment.detect() and TorchElasticEnvironment.detect()
+    assert slurm_environment() is None
+    trainer = L.Trainer(accelerator="cpu", devices=8, strategy="ddp", logger=False, plugins=None)
+    assert isinstance(trainer._accelerator_connector.cluster_environment, TorchElasticEnvironment)
+    assert trainer.global_rank == 3 and trainer.world_size == 8
