@@ -75,8 +75,8 @@ def fake_cluster(tmp_path):
     record = tmp_path / "srun.json"
     _script(
         bin_dir / "srun",
-        f'python3 -c \'import json, os, sys; json.dump({{"argv": sys.argv[1:], "MASTER_ADDR": os.environ.get("MASTER_ADDR"),'
-        f' "MASTER_PORT": os.environ.get("MASTER_PORT")}}, open("{record}", "w"))\' "$@"\n',
+        f'python3 -c \'import json, os, sys; json.dump({{"argv": sys.argv[1:], **{{k: os.environ.get(k) for k in'
+        f' ("MASTER_ADDR", "MASTER_PORT", "TRITON_CACHE_DIR", "FROM_ENV_SETUP")}}}}, open("{record}", "w"))\' "$@"\n',
     )
     _script(
         bin_dir / "scontrol", 'if [[ "$1 $2" == "show hostnames" ]]; then echo gpu-a01; echo gpu-a02; fi\n'
@@ -134,6 +134,38 @@ def test_sbatch_leaves_the_resume_choice_to_train_py(tmp_path, fake_cluster):
             (run_dir / name).write_bytes(b"")
         assert _run_sbatch(tmp_path, bin_dir, SLURM_RESTART_COUNT=restarts).returncode == 0
         assert not any(a.startswith("ckpt_path=") for a in json.loads(record.read_text())["argv"])
+
+
+def test_sbatch_sources_env_setup_before_set_u(tmp_path, fake_cluster):
+    """Module files reference unset variables; the set-up file is sourced outside ``set -u`` and its exports reach
+    srun."""
+    bin_dir, record = fake_cluster
+    setup = tmp_path / "cluster_env.sh"
+    setup.write_text('if [ -n "$AERO_SURELY_UNSET_VARIABLE" ]; then exit 3; fi\nexport FROM_ENV_SETUP=yes\n')
+    proc = _run_sbatch(tmp_path, bin_dir, AERO_ENV_SETUP=str(setup))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(record.read_text())["FROM_ENV_SETUP"] == "yes"
+
+
+def test_sbatch_puts_the_triton_cache_on_node_local_disk(tmp_path, fake_cluster):
+    bin_dir, record = fake_cluster
+    local = tmp_path / "node-local"
+    assert _run_sbatch(tmp_path, bin_dir, TMPDIR=str(local)).returncode == 0
+    assert json.loads(record.read_text())["TRITON_CACHE_DIR"] == f"{local}/triton-4242"
+    assert _run_sbatch(tmp_path, bin_dir, TMPDIR="").returncode == 0  # TMPDIR empty or unset: /tmp
+    assert json.loads(record.read_text())["TRITON_CACHE_DIR"] == "/tmp/triton-4242"
+
+
+def test_sbatch_documents_the_nccl_flight_recorder():
+    comments = "\n".join(line for line in SBATCH.read_text().splitlines() if line.startswith("#"))
+    for name in (
+        "TORCH_NCCL_TRACE_BUFFER_SIZE",
+        "TORCH_FR_BUFFER_SIZE",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+        "TORCH_FR_DUMP_TEMP_FILE",
+    ):
+        assert name in comments, name
 
 
 def test_sbatch_refuses_more_tasks_than_gpus(tmp_path, fake_cluster):
