@@ -86,8 +86,9 @@ def is_partitioned(weight: torch.Tensor) -> bool:
 
 
 def _project(head: nn.Module | torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    # Through the module's forward when there is one: ZeRO-3 gathers a partitioned weight only in the hooks of
-    # the module that owns it, so reading ``head.weight`` directly sees an empty partition.
+    # Through the module's forward when there is one: ZeRO-3 gathers a partitioned weight in the hooks of the
+    # module that owns it; a bare read of ``head.weight`` outside that forward (the chunk's recompute in backward)
+    # sees the empty partition.
     return head(hidden) if isinstance(head, nn.Module) else F.linear(hidden, head)
 
 
