@@ -195,36 +195,63 @@ def test_ablation_encoder_multirun_trains_whisper_and_hubert_on_cpu(demo_env, tm
 
 
 # ------------------------------------------------------------------------------------------------ SLURM launcher
-def test_aero_slurm_launcher_renders_the_sbatch_submitit_submits(tmp_path, monkeypatch):
-    """hydra/launcher=aero_slurm -> submitit's sbatch text: one task per GPU, SIGUSR1 120 s before the end (not
-    submitit's USR2), requeueable, appended logs."""
+def test_aero_slurm_launcher_submits_through_the_submitit_plugin(tmp_path, monkeypatch):
+    """hydra/launcher=aero_slurm through the real hydra-submitit-launcher plugin and submitit, up to ``sbatch``
+    (a fake that records the script): one task per GPU, 12 CPUs per task for srun too (SRUN_CPUS_PER_TASK), all of
+    the node's memory, SIGUSR1 300 s before the end (not submitit's USR2), requeueable, appended logs."""
     submitit = pytest.importorskip("submitit")
+    from hydra.utils import instantiate
+
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/sh\n")
-    (bin_dir / "srun").chmod(stat.S_IRWXU)
+    record = tmp_path / "sbatch.json"
+    (bin_dir / "srun").write_text("#!/bin/sh\n")  # submitit looks for srun to accept cluster="slurm"
+    (bin_dir / "sbatch").write_text(
+        f"#!{sys.executable}\n"
+        "import json, pathlib, sys\n"
+        f"json.dump({{'argv': sys.argv[1:], 'script': pathlib.Path(sys.argv[-1]).read_text()}}, open({str(record)!r}, 'w'))\n"
+        "print('Submitted batch job 4242')\n"
+    )
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(stat.S_IRWXU)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    # the plugin waits for every job's result; the fake jobs never run
+    monkeypatch.setattr(submitit.core.core.Job, "results", lambda self: [None])
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[
-                "experiment=ablation_zero",
+                "experiment=ablation_packing",
                 "hydra.launcher.partition=h100",
-                f"hydra.sweep.dir={tmp_path}",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}",
             ],
             return_hydra_config=True,
         )
-    launcher = dict(cfg.hydra.launcher)
-    assert launcher.pop("_target_") == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    params = {k: v for k, v in launcher.items() if k not in ("submitit_folder", "max_num_timeout")}
-    params["name"] = "ablation_zero"
-    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
-    # the plugin maps its keys the same way: shared ones as is, the others with the "slurm_" prefix
-    shared = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
-              "stderr_to_stdout"}  # fmt: skip
-    executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()})
-    text = executor._executor._make_submission_file_text("python -m job", "uid")
-    flags = {line for line in text.splitlines() if line.startswith("#SBATCH")}
-    assert "#SBATCH --signal=SIGUSR1@120" in flags and not any("USR2" in f for f in flags)
-    assert {"#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --partition=h100"} <= flags
-    assert {"#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"} <= flags
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__module__ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher"
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    assert launcher.launch(_sweep_jobs("ablation_packing"), initial_job_idx=0) == [None, None]
+
+    submitted = json.loads(record.read_text())
+    assert len(submitted["argv"]) == 1  # sbatch <script>
+    lines = submitted["script"].splitlines()
+    flags = {line for line in lines if line.startswith("#SBATCH")}
+    assert {
+        "#SBATCH --partition=h100",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --export=ALL,SRUN_CPUS_PER_TASK=12",
+        "#SBATCH --mem=0GB",
+        "#SBATCH --time=1440",
+        "#SBATCH --signal=USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --array=0-1%2",  # the two arms, one array task each, both at once
+        "#SBATCH --job-name=ablation_packing",
+    } <= flags
+    assert not any("USR2" in f for f in flags)  # submitit's own signal, whose handler would resubmit
+    assert len([f for f in flags if f.startswith("#SBATCH --signal")]) == 1
+    srun = [line for line in lines if line.startswith("srun ")]
+    assert len(srun) == 1 and "-m submitit.core._submit" in srun[0]
