@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from aero_lightning.data.audio_tokens import SAMPLE_RATE_HZ, AudioTokenCounter
 from aero_lightning.data.synth import build_demo_corpus
 from aero_lightning.model.tiny import corpus_texts
 
@@ -106,13 +107,49 @@ def _job_config(experiment: str, job: list[str]):
 
 def test_ablation_packing_sweeps_padded_4096_and_packed_32768():
     jobs = _sweep_jobs("ablation_packing")
-    assert len(jobs) == 2
+    assert jobs == [["ablation.arm=padded"], ["ablation.arm=packed"]]
     arms = [_job_config("ablation_packing", job).data.packing for job in jobs]
     assert [(a.mode, a.packing_length) for a in arms] == [("padded", 4096), ("packed", 32768)]
     cfg = _job_config("ablation_packing", jobs[0])
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.nodes == 1
     assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 8
     assert cfg.strategy.stage == 2 and cfg.trainer.precision == "bf16-mixed"  # otherwise the aero_full recipe
+
+
+def test_ablation_packing_arms_train_equal_tokens_per_step_on_the_same_samples():
+    """Token slots per optimizer step (tokens per micro-batch x accumulate_grad_batches x devices x nodes) are
+    equal; both arms filter samples the same way, and that filter keeps only samples that fit the padded arm's 4096
+    with room for the text; validation falls on the same optimizer steps; the padded arm pads the encoder windows."""
+    arms = {
+        job[0].split("=")[1]: _job_config("ablation_packing", job) for job in _sweep_jobs("ablation_packing")
+    }
+    per_step = {}
+    for name, cfg in arms.items():
+        t = cfg.trainer
+        per_step[name] = cfg.data.packing.packing_length * t.accumulate_grad_batches * t.devices * t.num_nodes
+    assert per_step == {"padded": 4096 * 8 * 8, "packed": 32768 * 1 * 8}
+    assert per_step["padded"] == per_step["packed"]
+    assert {name: cfg.trainer.accumulate_grad_batches for name, cfg in arms.items()} == {
+        "padded": 8,
+        "packed": 1,
+    }
+    assert {name: cfg.model.encoder.padding_free for name, cfg in arms.items()} == {
+        "padded": False,
+        "packed": True,
+    }
+    # the same filter: no sample is kept by one arm's budget and dropped by the other's
+    assert arms["padded"].data.max_duration_s == arms["packed"].data.max_duration_s == 120.0
+    aero_tokens = AudioTokenCounter(
+        encoder_downsample=2, projector_downsample=arms["packed"].model.projector.pool
+    )
+    assert aero_tokens(int(120.0 * SAMPLE_RATE_HZ)) == 3000  # 25 audio tokens per second
+    assert 4096 - 3000 == 1096  # tokens left for the chat template and the text in the padded arm
+    # validation every 500 optimizer steps in both arms (Lightning counts val_check_interval in micro-batches)
+    assert {n: c.trainer.val_check_interval / c.trainer.accumulate_grad_batches for n, c in arms.items()} == {
+        "padded": 500,
+        "packed": 500,
+    }
+    assert all(cfg.trainer.max_steps == 2000 for cfg in arms.values())
 
 
 def test_ablation_zero_sweeps_stages_1_2_3():
@@ -164,10 +201,13 @@ def test_ablation_packing_multirun_runs_both_arms_on_cpu(demo_env, tmp_path):
     proc = _multirun("experiment=ablation_packing", *_cpu_aero(corpus, model), f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(_jobs(sweep)) == [0, 1]
-    packing = [
-        yaml.safe_load((sweep / str(n) / "config.yaml").read_text())["data"]["packing"] for n in (0, 1)
+    configs = [yaml.safe_load((sweep / str(n) / "config.yaml").read_text()) for n in (0, 1)]
+    assert [(c["data"]["packing"]["mode"], c["data"]["packing"]["packing_length"]) for c in configs] == [
+        ("padded", 4096),
+        ("packed", 32768),
     ]
-    assert [(p["mode"], p["packing_length"]) for p in packing] == [("padded", 4096), ("packed", 32768)]
+    assert [c["trainer"]["accumulate_grad_batches"] for c in configs] == [8, 1]
+    assert [c["model"]["encoder"]["padding_free"] for c in configs] == [False, True]
 
 
 def test_ablation_encoder_multirun_trains_whisper_and_hubert_on_cpu(demo_env, tmp_path):
