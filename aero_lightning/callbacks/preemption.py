@@ -9,9 +9,9 @@ in ways that lose or corrupt training state:
   wherever each rank is in its step. A checkpoint taken during the 4th batch's backward holds ``global_step`` 3
   but a data stream that has consumed 4 batches, so the resumed run never trains batch 4; and under DDP the save's
   collectives (the data-stream state is gathered from every rank) can interleave with the step's gradient
-  all-reduces and hang (Lightning issue #21406).
+  all-reduces and hang (Lightning issue #21406; 2 CPU processes signalled during backward hung in that save).
 - Its SIGTERM handler only logs (``Bypassing SIGTERM``) or stops without saving, so a preempted job loses every
-  step since the last periodic checkpoint.
+  step since the last periodic checkpoint; and the DataLoader workers die of the SIGTERM, which fails the run.
 - With ``ckpt_path`` null, Lightning resumes from the newest ``hpc_ckpt_*`` even when ``checkpoints/last.ckpt``
   is later, so after one requeue every restart goes back to that first hpc checkpoint.
 
