@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.distributed import gather_objects, parameters_are_sharded
 from aero_lightning.metrics.wer import corpus_wer
 from aero_lightning.model.aero import AeroModel, AeroOutput
 from aero_lightning.model.freeze import unfreezable, unfreeze
@@ -259,6 +260,8 @@ class AeroLitModule(L.LightningModule):
             feat_lengths,
             max_new_tokens=self.hparams.max_new_tokens,
             num_beams=self.hparams.num_beams,
+            # sharded parameters are all-gathered in every forward: ranks keep stepping until all are done
+            synced_gpus=parameters_are_sharded(self.trainer.strategy) and self.trainer.world_size > 1,
         )
         return self.model.tokenizer.batch_decode(generated, skip_special_tokens=True)
 
@@ -267,9 +270,17 @@ class AeroLitModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         hyps = self.decode_batch(batch)
-        for key, ref, hyp, corpus, n in zip(
-            batch["keys"], batch["references"], hyps, batch["corpora"], batch["audio_samples"].tolist()
+        duplicates = batch.get("duplicates") or [False] * len(hyps)
+        for key, ref, hyp, corpus, n, repeat in zip(
+            batch["keys"],
+            batch["references"],
+            hyps,
+            batch["corpora"],
+            batch["audio_samples"].tolist(),
+            duplicates,
         ):
+            if repeat:  # pads this rank's pass to the others' batch count; scored where it was read first
+                continue
             self._test_records.append(
                 {
                     "key": key,
@@ -281,11 +292,8 @@ class AeroLitModule(L.LightningModule):
             )
 
     def on_test_epoch_end(self) -> None:
-        records = self._test_records
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
+        records = [r for part in gather_objects(self._test_records) for r in part]
+        self.test_records = records  # every rank's, each utterance once
         result = corpus_wer([r["reference"] for r in records], [r["hypothesis"] for r in records])
         self.test_metrics = {"wer": result.wer, **result.to_dict()}
         self.log("test/wer", result.wer, rank_zero_only=True)

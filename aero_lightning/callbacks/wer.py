@@ -7,9 +7,10 @@ decoded greedily (:func:`aero_lightning.eval.decode.decode_waveforms`, duration-
 ``num_examples`` audio clips (``wer_examples/<name>/<i>``) and a reference / hypothesis table
 (``wer_examples/<name>``) so a listener can check what the model hears.
 
-Decoding runs on global rank 0 only, while the other ranks go on to the next step's collective and wait there, so
-it suits DDP and single-device runs. With parameters sharded across ranks (FSDP, DeepSpeed ZeRO-3) a rank-0-only
-``generate`` would hang, so the callback then logs a warning once and does nothing.
+Every rank decodes its share of the utterances (``items[rank::world]``) and rank 0 gathers the hypotheses, scores
+and logs them, so the decode time is divided by the number of ranks. With parameters sharded across ranks (FSDP,
+DeepSpeed ZeRO-3) every forward is a collective: each rank then pads its share to the same number of utterances
+(repeats, not scored) and generates with ``synced_gpus``, so all ranks run the same forward passes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
+from aero_lightning.distributed import gather_objects, parameters_are_sharded
 from aero_lightning.eval.benchmarks import BenchmarkSpec
 from aero_lightning.eval.decode import (
     GenerationOptions,
@@ -36,21 +38,6 @@ from aero_lightning.metrics.wer import corpus_wer, is_scored_reference, normaliz
 logger = logging.getLogger(__name__)
 
 __all__ = ["WERMonitor"]
-
-
-def _is_sharded(strategy) -> bool:
-    name = type(strategy).__name__.lower()
-    if "fsdp" in name:
-        return True
-    stage = getattr(strategy, "zero_stage_3", None)
-    if stage is None:
-        config = getattr(strategy, "config", None) or {}
-        stage = (
-            (config.get("zero_optimization") or {}).get("stage") == 3
-            if isinstance(config, Mapping)
-            else False
-        )
-    return bool(stage)
 
 
 def _markdown_cell(text: str) -> str:
@@ -93,7 +80,6 @@ class WERMonitor(L.Callback):
         self.options = GenerationOptions(**dict(generation or {}))
         self._cache: dict[str, list[EvalItem]] = {}
         self._last_step = -1
-        self._warned = False
         self.last_results: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ data
@@ -116,27 +102,24 @@ class WERMonitor(L.Callback):
         ):
             return
         self._last_step = step
-        if _is_sharded(trainer.strategy):
-            if not self._warned:
-                logger.warning("WERMonitor: parameters are sharded across ranks (%s); WER decoding is skipped",
-                               type(trainer.strategy).__name__)  # fmt: skip
-                self._warned = True
-            return
-        if not trainer.is_global_zero or not self.val_sets:
-            return
-        self.run(trainer, pl_module)
+        if self.val_sets:
+            self.run(trainer, pl_module)  # on every rank: each decodes its share
 
     @torch.no_grad()
     def run(self, trainer, pl_module) -> dict[str, dict]:
-        """Decode every set now and log the results at ``trainer.global_step``.
+        """Decode every set now (every rank its share) and log the results at ``trainer.global_step`` (rank 0).
+
+        A collective when there are several ranks: every rank must call it.
 
         Returns:
-            ``{name: {"wer", "insertion_rate", "loop_rate", "num_samples"}}``.
+            ``{name: {"wer", "insertion_rate", "loop_rate", "num_samples"}}`` on rank 0 (empty on the others).
         """
         model = pl_module.model
         was_training = model.training
         model.eval()
         step = trainer.global_step
+        rank, world = trainer.global_rank, trainer.world_size
+        sharded = world > 1 and parameters_are_sharded(trainer.strategy)
         cpt = chars_per_token(model.tokenizer)
         results = {}
         try:
@@ -145,13 +128,29 @@ class WERMonitor(L.Callback):
                 if not items:
                     logger.warning("WERMonitor: validation set %s (%s) has no scored utterance", name, folder)
                     continue
-                hyps = [""] * len(items)
-                for batch in plan_decode_batches([i.duration_s for i in items], self.batch_size):
+                mine = list(range(rank, len(items), world))
+                if sharded:  # every rank the same number of generate calls: pad with repeats, dropped below
+                    padded = mine + [mine[0] if mine else 0] * (-(-len(items) // world) - len(mine))
+                else:
+                    padded = mine
+                hyps_mine: dict[int, str] = {}
+                for batch in plan_decode_batches([items[j].duration_s for j in padded], self.batch_size):
                     decoded = decode_waveforms(
-                        model, [items[j].waveform for j in batch], self.prompt, self.options, cpt
+                        model,
+                        [items[padded[b]].waveform for b in batch],
+                        self.prompt,
+                        self.options,
+                        cpt,
+                        synced_gpus=sharded,
                     )
-                    for j, res in zip(batch, decoded):
-                        hyps[j] = res.text
+                    for b, res in zip(batch, decoded):
+                        if b < len(mine):
+                            hyps_mine[padded[b]] = res.text
+                gathered = gather_objects(hyps_mine)
+                if rank != 0:
+                    continue
+                merged = {j: h for part in gathered for j, h in part.items()}
+                hyps = [merged[j] for j in range(len(items))]
                 refs = [i.reference for i in items]
                 wer = corpus_wer(refs, hyps)
                 loops = repetition_stats(hyps)

@@ -24,6 +24,7 @@ from aero_lightning.data.packing import batch_documents, collate_padded
 from aero_lightning.data.shard_reader import ShardPass, resolve_split, shard_sample_counts
 from aero_lightning.data.shards import read_manifest
 from aero_lightning.data.stream import TrainStream, identity, mixture_probs, pad_token_id
+from aero_lightning.distributed import rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def make_dataset(
     urls: Sequence[str],
     max_duration_s: float | None = None,
     expected_samples: Mapping[str, int] | None = None,
+    balanced: bool = False,
 ) -> ShardPass:
     """Finite, ordered pass over shard ``urls`` (validation and test), split by rank x worker.
 
@@ -40,12 +42,15 @@ def make_dataset(
         max_duration_s: skip longer samples (seconds).
         expected_samples: ``{url: num_samples}`` from the split's manifest, to count the samples a damaged shard
             loses (``missing_samples``); see :func:`~aero_lightning.data.shard_reader.shard_sample_counts`.
+        balanced: the same number of samples on every rank (:func:`~aero_lightning.data.shard_reader.balanced_pass`).
 
     Returns:
         A :class:`~aero_lightning.data.shard_reader.ShardPass` yielding ``{key, waveform (T,) float32 16 kHz,
         messages, duration_s, corpus}`` per sample.
     """
-    return ShardPass(urls, max_duration_s=max_duration_s, expected_samples=expected_samples)
+    return ShardPass(
+        urls, max_duration_s=max_duration_s, expected_samples=expected_samples, balanced=balanced
+    )
 
 
 @dataclass
@@ -80,7 +85,10 @@ class AsrCollator:
                 self.end_of_turn_token,
                 add_generation_prompt=self.for_generation,
             )
-            encoded.append(s | {"input_ids": enc.input_ids, "labels": enc.labels})
+            labels = (
+                [IGNORE_INDEX] * len(enc.labels) if s.get("duplicate") else enc.labels
+            )  # a repeat: no loss
+            encoded.append(s | {"input_ids": enc.input_ids, "labels": labels})
         return collate_padded(
             encoded, self.audio_token_counter, pad_token_id(self.tokenizer), left_pad=self.for_generation
         )
@@ -294,8 +302,13 @@ class AeroDataModule(L.LightningDataModule):
 
     def _eval_loader(self, folder: str, for_generation: bool) -> DataLoader:
         self._require_model()
+        # with several ranks every rank gets the same number of batches (a rank short of samples repeats some, which
+        # are not scored): sharded strategies all-gather parameters in every forward
+        balanced = rank_and_world()[1] > 1
         return DataLoader(
-            make_dataset(resolve_split(folder), expected_samples=shard_sample_counts(folder)),
+            make_dataset(
+                resolve_split(folder), expected_samples=shard_sample_counts(folder), balanced=balanced
+            ),
             batch_size=self.eval_batch_size,
             num_workers=0,
             collate_fn=AsrCollator(

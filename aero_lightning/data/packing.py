@@ -28,6 +28,7 @@ The packed batch contract (all CPU tensors, no L x L mask anywhere)::
     encoder_cu_seqlens (W+1,) int32  cumulative encoder frames per window (the encoder's own documents)
     audio_samples (D,)   int64   samples per document's audio
     keys, references, corpora    lists of D strings
+    duplicates                   list of D bools: repeats that pad a rank's evaluation pass (not scored)
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def _common(samples: Sequence[dict], counter) -> dict[str, Any]:
         "keys": [s["key"] for s in samples],
         "references": [reference_text(s["messages"]) for s in samples],
         "corpora": [s.get("corpus", "") for s in samples],
+        "duplicates": [bool(s.get("duplicate", False)) for s in samples],
     }
 
 

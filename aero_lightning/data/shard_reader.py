@@ -334,6 +334,56 @@ def iter_samples(
             )
 
 
+def balanced_pass(
+    urls: Sequence[str],
+    rank: int,
+    world_size: int,
+    counts: Mapping[str, int],
+    rejects: RejectCounter,
+    max_duration_s: float | None = None,
+) -> Iterator[dict]:
+    """This rank's share of a finite pass, padded so that every rank yields the same number of samples.
+
+    Sharded strategies (FSDP2, DeepSpeed ZeRO-3) all-gather parameters in every forward, so all ranks must run the
+    same number of evaluation batches. Each rank reads its shards (:func:`split_urls`), then repeats samples it
+    already yielded until it reaches the largest share in the manifest, ``max over ranks of its shards' samples``;
+    every rank computes that number from the manifest alone, with no collective. A rank without a shard reads the
+    shard ``rank % len(urls)`` and yields only repeats. Samples lost to damage are made up by repeats too.
+
+    Args:
+        urls: all shards of the split, in order.
+        rank, world_size: this process's rank and the number of ranks.
+        counts: ``{url: num_samples}`` from the manifest (:func:`shard_sample_counts`), for every url.
+        rejects: counter for skipped samples and damaged shards (repeats count nothing).
+        max_duration_s: skip longer samples (seconds), or None.
+
+    Yields:
+        :func:`read_sample` dicts; repeats carry ``"duplicate": True`` (no loss, no score: the consumer drops them,
+        e.g. by key).
+
+    Raises:
+        ValueError: if a url has no count in ``counts``.
+    """
+    missing = [u for u in urls if u not in counts]
+    if missing:
+        raise ValueError(
+            f"balanced evaluation needs the manifest's sample count of every shard; none for {missing[0]}"
+        )
+    target = max(sum(counts[u] for u in split_urls(urls, r, world_size, 0, 1)) for r in range(world_size))
+    own = split_urls(urls, rank, world_size, 0, 1)
+    seen: list[dict] = []
+    for sample in iter_samples(own, rejects, max_duration_s, counts):
+        seen.append(sample)
+        yield sample
+    yielded = len(seen)
+    if not seen and target:  # no shard of its own (or all of it unreadable): repeat another rank's samples
+        seen = list(iter_samples([urls[rank % len(urls)]], RejectCounter(), max_duration_s))
+        if not seen:
+            raise RuntimeError(f"balanced evaluation: no readable sample in {urls[rank % len(urls)]}")
+    for i in range(max(0, target - yielded)):
+        yield seen[i % len(seen)] | {"duplicate": True}
+
+
 class ShardPass(IterableDataset):
     """Finite, ordered pass over shards for validation and test, split by rank x worker (:func:`split_urls`).
 
@@ -345,10 +395,15 @@ class ShardPass(IterableDataset):
         max_duration_s: skip longer samples (seconds), or None.
         expected_samples: ``{url: num_samples}`` from the manifest (:func:`shard_sample_counts`), to count samples
             a damaged shard loses; None to count only the damaged shard.
+        balanced: every rank yields the same number of samples (:func:`balanced_pass`; needs ``expected_samples``
+            for every shard and no DataLoader worker processes), for strategies that shard parameters.
 
     Attributes:
         rejects: skipped samples and damaged shards by reason, accumulated over passes. With DataLoader worker
             processes each worker counts in its own copy (and logs it); this one then stays empty.
+
+    Raises:
+        ValueError: from iteration, for a balanced pass in a DataLoader worker process.
     """
 
     def __init__(
@@ -356,16 +411,24 @@ class ShardPass(IterableDataset):
         urls: Sequence[str],
         max_duration_s: float | None = None,
         expected_samples: Mapping[str, int] | None = None,
+        balanced: bool = False,
     ):
         super().__init__()
         self.urls = list(urls)
         self.max_duration_s = max_duration_s
         self.expected_samples = dict(expected_samples or {})
+        self.balanced = bool(balanced)
         self.rejects = RejectCounter()
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = dist_rank_world()
+        if self.balanced:
+            if num_workers > 1:
+                raise ValueError("a balanced evaluation pass runs in the main process: use num_workers=0")
+            return balanced_pass(
+                self.urls, rank, world, self.expected_samples, self.rejects, self.max_duration_s
+            )
         urls = split_urls(self.urls, rank, world, worker, num_workers)
         return iter_samples(urls, self.rejects, self.max_duration_s, self.expected_samples)

@@ -163,6 +163,7 @@ def decode_waveforms(
     prompts: str | Sequence[str] = DEFAULT_ASR_PROMPT,
     options: GenerationOptions | None = None,
     tokenizer_chars_per_token: float | None = None,
+    synced_gpus: bool = False,
 ) -> list[DecodeResult]:
     """Decode one batch of 16 kHz mono waveforms.
 
@@ -173,6 +174,8 @@ def decode_waveforms(
         prompts: the instruction after the audio, one for all or one per waveform.
         options: :class:`GenerationOptions` (defaults: greedy, scaled budget).
         tokenizer_chars_per_token: cached :func:`chars_per_token` of the model's tokenizer (computed when None).
+        synced_gpus: keep generating until every rank is done (needed when parameters are sharded across ranks,
+            whose every forward is a collective).
 
     Returns:
         One :class:`DecodeResult` per waveform, in order.
@@ -214,6 +217,7 @@ def decode_waveforms(
         feature_lengths,
         max_new_tokens=max(budgets),
         num_beams=options.num_beams,
+        synced_gpus=synced_gpus,
     )  # (B, T_new)
     stops = {i for i in (model.end_of_turn_id, tok.eos_token_id) if i is not None}
     results = []

@@ -8,6 +8,7 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from aero_lightning.callbacks import wer as wer_module
 from aero_lightning.callbacks.wer import WERMonitor
 from aero_lightning.data.synth import build_demo_corpus
 
@@ -23,7 +24,14 @@ def test_wer_is_logged_every_n_steps_with_examples(model, val_dir, tmp_path):
     tb = TensorBoardLogger(str(tmp_path), name="", version="")
     callback = WERMonitor({"demo_espeak": str(val_dir)}, every_n_train_steps=2, max_samples=2, num_examples=1,
                           generation={"max_new_tokens": 4})  # fmt: skip
-    trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[tb], strategy=SimpleNamespace())
+    trainer = SimpleNamespace(
+        global_step=0,
+        is_global_zero=True,
+        global_rank=0,
+        world_size=1,
+        loggers=[tb],
+        strategy=SimpleNamespace(),
+    )
     module = SimpleNamespace(model=model.train())
     for step in (0, 1, 2, 2, 3):  # fires once, at step 2 (twice at step 2 under gradient accumulation: once)
         trainer.global_step = step
@@ -41,17 +49,63 @@ def test_wer_is_logged_every_n_steps_with_examples(model, val_dir, tmp_path):
     assert any("wer_examples/demo_espeak" in t for t in tags["tensors"])  # add_text is stored as a tensor
 
 
-def test_sharded_strategies_and_other_ranks_skip(model, val_dir, caplog):
-    callback = WERMonitor({"v": str(val_dir)}, every_n_train_steps=1, max_samples=1)
-    module = SimpleNamespace(model=model)
-    other_rank = SimpleNamespace(global_step=1, is_global_zero=False, loggers=[], strategy=SimpleNamespace())
-    callback.on_train_batch_end(other_rank, module, None, None, 0)
-    assert callback.last_results == {}
+def _trainer(rank: int, world: int, strategy=None, step: int = 1):
+    return SimpleNamespace(
+        global_step=step,
+        is_global_zero=rank == 0,
+        global_rank=rank,
+        world_size=world,
+        loggers=[],
+        strategy=strategy or SimpleNamespace(),
+    )
 
-    class FSDPStrategy:  # the name is what the check looks at
+
+def test_ranks_decode_their_share_and_rank_0_scores_all(model, val_dir, monkeypatch):
+    """Two ranks, simulated in one process: rank 1's hypotheses reach rank 0 through the gather, and the result is
+    the single-process decode's."""
+    kwargs = {"every_n_train_steps": 1, "max_samples": 3, "generation": {"max_new_tokens": 6}}
+    module = SimpleNamespace(model=model.eval())
+    alone = WERMonitor({"v": str(val_dir)}, **kwargs)
+    alone.on_train_batch_end(_trainer(0, 1), module, None, None, 0)
+
+    shares = {}
+
+    def gather_as(rank):
+        def gather(obj):
+            shares[rank] = obj
+            return [shares.get(0, {}), shares.get(1, {})]
+
+        return gather
+
+    monkeypatch.setattr(wer_module, "gather_objects", gather_as(1))
+    second = WERMonitor({"v": str(val_dir)}, **kwargs)
+    second.on_train_batch_end(_trainer(1, 2), module, None, None, 0)
+    assert sorted(shares[1]) == [1] and second.last_results == {}  # rank 1 decoded utterance 1 only
+    monkeypatch.setattr(wer_module, "gather_objects", gather_as(0))
+    first = WERMonitor({"v": str(val_dir)}, **kwargs)
+    first.on_train_batch_end(_trainer(0, 2), module, None, None, 0)
+    assert sorted(shares[0]) == [0, 2]
+    assert first.last_results == alone.last_results and alone.last_results["v"]["num_samples"] == 3
+
+
+def test_sharded_ranks_run_equal_synced_generate_calls(model, val_dir, monkeypatch):
+    """With sharded parameters each rank pads its share with repeats to the same count and generates with
+    synced_gpus; the repeats are not scored."""
+    calls = []
+
+    def fake_decode(model, waveforms, prompt, options, cpt, synced_gpus=False):
+        calls.append((len(waveforms), synced_gpus))
+        return [SimpleNamespace(text="x") for _ in waveforms]
+
+    class FSDPStrategy:  # the class name is what identifies a sharding strategy
         pass
 
-    sharded = SimpleNamespace(global_step=2, is_global_zero=True, loggers=[], strategy=FSDPStrategy())
-    callback.on_train_batch_end(sharded, module, None, None, 0)
-    assert callback.last_results == {} and "sharded" in caplog.text
+    monkeypatch.setattr(wer_module, "decode_waveforms", fake_decode)
+    monkeypatch.setattr(wer_module, "gather_objects", lambda obj: [obj])
+    callback = WERMonitor({"v": str(val_dir)}, every_n_train_steps=1, max_samples=3, batch_size=8)
+    callback.on_train_batch_end(_trainer(1, 2, FSDPStrategy()), SimpleNamespace(model=model), None, None, 0)
+    assert calls == [(2, True)]  # rank 1 of 2 owns utterance 1 of 3, padded to ceil(3 / 2) = 2
+    calls.clear()
+    callback.on_train_batch_end(_trainer(1, 2, step=2), SimpleNamespace(model=model), None, None, 0)
+    assert calls == [(1, False)]  # DDP: no padding, no synced generation
     assert WERMonitor(every_n_train_steps=0).every_n_train_steps == 0  # off by default in conf/callbacks

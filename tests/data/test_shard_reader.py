@@ -22,6 +22,7 @@ from aero_lightning.data.datamodule import AeroDataModule, make_dataset
 from aero_lightning.data.rejects import REJECT_REASONS, RejectCounter, check_reason
 from aero_lightning.data.shard_reader import (
     ShardPass,
+    balanced_pass,
     iter_samples,
     read_sample,
     resolve_split,
@@ -308,3 +309,50 @@ def test_read_sample_prefers_flac_and_takes_the_corpus_from_the_json():
     assert sample is not None and not rejects
     assert sample["corpus"] == "json_corpus" and sample["duration_s"] == 0.25
     assert np.array_equal(sample["waveform"], sf.read(io.BytesIO(raw["flac"]), dtype="float32")[0])
+
+
+# ---------------------------------------------------------------------------------------- balanced pass
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
+def test_balanced_pass_gives_every_rank_the_same_count_and_scores_each_sample_once(tmp_path, world):
+    """Sharded strategies need equal batch counts on every rank: 3 shards of 3, 2, 3 samples over 2..5 ranks."""
+    urls = _write_split(tmp_path / "split", SHARDS)
+    counts = shard_sample_counts(tmp_path / "split")
+    passes = [list(balanced_pass(urls, r, world, counts, RejectCounter())) for r in range(world)]
+    target = max(sum(len(SHARDS[i]) for i in range(r, len(SHARDS), world)) for r in range(world))
+    assert [len(p) for p in passes] == [target] * world
+    originals = [s["key"] for p in passes for s in p if not s.get("duplicate")]
+    assert sorted(originals) == sorted(ALL_KEYS)  # every sample once, whatever the padding
+    for p in passes:  # repeats come after the rank's own samples
+        flags = [bool(s.get("duplicate")) for s in p]
+        assert flags == sorted(flags)
+
+
+def test_balanced_pass_makes_up_for_a_damaged_shard(tmp_path):
+    urls = _write_split(tmp_path / "split", SHARDS)
+    counts = shard_sample_counts(tmp_path / "split")
+    _cut_inside(Path(urls[0]), "a1.flac")  # rank 0 of 2 holds shards 0 and 2: loses a1 and a2
+    rejects = RejectCounter()
+    rank0 = list(balanced_pass(urls, 0, 2, counts, rejects))
+    assert len(rank0) == 6 and [s["key"] for s in rank0 if not s.get("duplicate")] == ["a0", "c0", "c1", "c2"]
+    assert rejects["truncated_tar"] == 1 and rejects["missing_samples"] == 2
+
+
+def test_validation_batches_are_equal_across_ranks_and_repeats_carry_no_loss(
+    tokenizer, tmp_path, monkeypatch
+):
+    """With 2 ranks the eval loaders are balanced: the same batch count on each rank, repeats with no target."""
+    _write_split(tmp_path / "split", [["a0", "a1", "a2", "a3", "a4"], ["b0"]])
+    batches = {}
+    for rank in (0, 1):
+        monkeypatch.setattr("aero_lightning.data.datamodule.rank_and_world", lambda r=rank: (r, 2))
+        monkeypatch.setattr("aero_lightning.data.shard_reader.dist_rank_world", lambda r=rank: (r, 2))
+        dm = AeroDataModule(train={}, val_dirs={"v": str(tmp_path / "split")}, eval_batch_size=2)
+        dm.bind_model(tokenizer, COUNTER)
+        batches[rank] = list(dm.val_dataloader()[0])
+    assert len(batches[0]) == len(batches[1]) == 3
+    assert [b["duplicates"] for b in batches[1]] == [[False, True], [True, True], [True]]
+    for batch in batches[1]:
+        for labels, repeat in zip(batch["labels"], batch["duplicates"]):
+            assert bool((labels != -100).any()) != repeat
