@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -78,11 +79,14 @@ class AeroLitModule(L.LightningModule):
             at LR 0; from step ``K`` their LR is ``lr_scale`` times the run's cosine schedule, ramped linearly over
             ``warmup_steps``. The rest of the model keeps one schedule, with no restart. Single-process runs only
             (DDP and FSDP fix the trainable set when they wrap the model).
+        lr_groups: ``{regex: peak LR}``: trainable parameters whose name matches a regex (the first that matches)
+            train at that peak LR instead of ``lr``, on the same schedule, e.g. ``{"^projector\\.": 1e-4}`` for a
+            projector that starts from random init while the pre-trained encoder and LLM fine-tune at ``lr``.
 
     Raises:
         ValueError: on an ``unfreeze`` without ``at_step >= 1`` or ``patterns``, with ``lr_scale <= 0``,
             ``warmup_steps < 0`` or an unknown key; at fit start, when a pattern matches no frozen parameter or the
-            run has more than one process.
+            run has more than one process, or an ``lr_groups`` pattern matches no trainable parameter.
     """
 
     def __init__(
@@ -97,10 +101,12 @@ class AeroLitModule(L.LightningModule):
         num_beams: int = 1,
         predictions_dir: str | None = None,
         unfreeze: Mapping | None = None,
+        lr_groups: Mapping[str, float] | None = None,
     ):
         super().__init__()
         self.model = model
         self.unfreeze = _check_unfreeze(unfreeze)
+        self.lr_groups = dict(lr_groups or {})
         self._unfrozen = False
         self.save_hyperparameters(ignore=["model"])
         self._test_records: list[dict] = []
@@ -115,24 +121,36 @@ class AeroLitModule(L.LightningModule):
             if self.unfreeze
             else {}
         )
-        decay, no_decay, decay_later, no_decay_later = [], [], [], []
+        own_lr = [(re.compile(pattern), float(lr)) for pattern, lr in (self.lr_groups or {}).items()]
+        buckets: dict[tuple, list] = {}  # (index in lr_groups or None, is a matrix) -> parameters, in order
+        decay_later, no_decay_later = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+                group = next((i for i, (pattern, _) in enumerate(own_lr) if pattern.search(name)), None)
+                buckets.setdefault((group, p.ndim >= 2), []).append(p)
             elif name in later:
                 (decay_later if p.ndim >= 2 else no_decay_later).append(p)
-        if not (decay or no_decay or decay_later or no_decay_later):
+        if not (buckets or decay_later or no_decay_later):
             raise ValueError("every parameter is frozen: nothing to train (check model.freeze)")
+        unused = [
+            pattern.pattern for i, (pattern, _) in enumerate(own_lr) if not any(k[0] == i for k in buckets)
+        ]
+        if unused:
+            raise ValueError(f"module.lr_groups patterns {unused} match no trainable parameter")
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10_000
 
         def schedule(step: int) -> float:
             return cosine_with_warmup(step, hp.warmup_steps, total, hp.min_lr_ratio)
 
         groups = [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": buckets.get((None, True), []), "weight_decay": hp.weight_decay},
+            {"params": buckets.get((None, False), []), "weight_decay": 0.0},
         ]
-        lambdas = [schedule, schedule]
+        for (group, is_matrix), params in buckets.items():
+            if group is not None:  # same schedule, own peak LR
+                decay = hp.weight_decay if is_matrix else 0.0
+                groups.append({"params": params, "weight_decay": decay, "lr": own_lr[group][1]})
+        lambdas = [schedule] * len(groups)
         if self.unfreeze:  # the groups exist on resume too, so a checkpoint's optimizer state fits
             uf = self.unfreeze
 
