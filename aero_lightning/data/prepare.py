@@ -65,7 +65,6 @@ from typing import Any
 
 import numpy as np
 import soxr
-from tqdm.auto import tqdm
 
 from aero_lightning.cli import run_key_value_cli
 from aero_lightning.data.corpora import COLUMN_FIELDS, CorpusSpec, FolderTable, get_corpus
@@ -81,6 +80,7 @@ from aero_lightning.data.shards import (
     encode_flac,
     write_manifest,
 )
+from aero_lightning.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +526,7 @@ def prepare_corpus(
             table folder layout they replace its audio template, text column(s), question column and key.
         metadata: table folder layouts: glob (relative to ``source``) of the metadata file(s) of ``split``,
             replacing the registry's (which may then lack ``split``).
-        progress: show a tqdm progress bar (advances per finished shard).
+        progress: a progress bar on a terminal, else a progress log line every 30 s (advances per finished shard).
 
     Returns:
         The manifest dict written to ``out_dir/manifest.json``, with the extra fields ``task``, ``domain``
@@ -661,11 +661,8 @@ def prepare_corpus(
 
     # ---- build
     new_rejects: list[dict[str, str]] = []
-    bar = tqdm(
-        total=sum(j.stop - j.start for j in jobs),
-        desc=f"{spec.name}/{split}",
-        unit="input",
-        disable=None if progress else True,
+    bar = Progress(
+        sum(j.stop - j.start for j in jobs), f"{spec.name}/{split}", unit="input", enabled=progress
     )
     with bar:
         if workers <= 1 or len(jobs) <= 1:

@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import soxr
-from tqdm.auto import tqdm
 
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 from aero_lightning.data.rejects import check_reason
@@ -60,6 +59,7 @@ from aero_lightning.data.shards import (
     encode_flac,
     write_manifest,
 )
+from aero_lightning.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def _build_split(
     folder.mkdir(parents=True, exist_ok=True)
     _clear_split(folder, prefix)
     rejected: list[dict[str, str]] = []
-    bar = tqdm(total=len(jobs), desc=f"{CORPUS_NAME}/{split}", unit="utt", disable=None if progress else True)
+    bar = Progress(len(jobs), f"{CORPUS_NAME}/{split}", unit="utt", enabled=progress)
     with bar, ShardWriter(folder, prefix, shard_size) as writer:
         for item in _ordered_map(lambda job: _render(job, espeak), jobs, num_workers):
             bar.update(1)
@@ -532,7 +532,7 @@ def build_demo_corpus(
         sentences: ``None`` for WordNet 3.0 example sentences, else a sentence list or a path to a file with
             one sentence per line (cleaned with :func:`clean_sentences` either way).
         overwrite: rebuild splits even when their manifest matches.
-        progress: show a tqdm progress bar (on a terminal).
+        progress: a progress bar on a terminal, else a progress log line every 30 s.
 
     Returns:
         ``{"train": manifest, "validation": manifest, "test": manifest}``.

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.eval.benchmarks import CHOICE_INSTRUCTION, BenchmarkSpec, get_benchmark
@@ -42,6 +41,7 @@ from aero_lightning.metrics.choice import choice_accuracy, format_choices
 from aero_lightning.metrics.repetition import repetition_stats
 from aero_lightning.metrics.wer import WERResult, corpus_wer, is_scored_reference, mean_wer, normalize_english
 from aero_lightning.model.build import load_model
+from aero_lightning.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def run_benchmark(
     dropped = 0
     order: list[int] = []  # source position of each record
     seen = 0
-    bar = tqdm(desc=name, unit="sample", disable=not progress)
+    bar = Progress(None, name, unit="sample", enabled=progress)
     for buffer in _chunks(items, buffer_size):
         positions = list(range(seen, seen + len(buffer)))
         seen += len(buffer)

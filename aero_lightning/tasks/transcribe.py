@@ -16,7 +16,6 @@ from pathlib import Path
 
 import soundfile as sf
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from aero_lightning.data.audio_io import AudioReadError, find_audio_files, load_audio
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
@@ -29,6 +28,7 @@ from aero_lightning.eval.decode import (
     plan_decode_batches,
 )
 from aero_lightning.model.build import load_model
+from aero_lightning.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def transcribe_files(
     cpt = chars_per_token(model.tokenizer)
     watch = Stopwatch(next(model.parameters()).device)
     audio_s = 0.0
-    bar = tqdm(total=len(paths), desc="transcribing", unit="file", disable=not progress)
+    bar = Progress(len(paths), "transcribing", unit="file", enabled=progress)
     bar.update(len(paths) - len(readable))
     for batch in batches:
         idx = [readable[j] for j in batch]
@@ -114,8 +114,7 @@ def transcribe_files(
                 }
                 if not res.finished:
                     logger.debug("%s: no end of turn within %d new tokens", paths[i], res.budget)
-        bar.update(len(idx))
-        bar.set_postfix(rtfx=f"{audio_s / max(watch.seconds, 1e-9):.1f}")
+        bar.update(len(idx), postfix=f"RTFx {audio_s / max(watch.seconds, 1e-9):.1f}")
     bar.close()
     done = [r for r in records if r is not None and "text" in r]
     failed = [r for r in records if r is not None and "error" in r]

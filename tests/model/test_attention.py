@@ -186,6 +186,8 @@ def test_autocast_keeps_the_packed_llm_on_the_fused_kernel(make_model, make_enco
         ]
         return torch.cat(outs)  # (L, H, d)
 
+    # loading an exported model (remote code) registers its own copy of this module's "varlen": use ours
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.VARLEN, attention.varlen_attention_forward)
     monkeypatch.setattr(attention, "varlen_attn", fake_varlen)
     monkeypatch.setattr(attention, "_varlen_kernel_applies", lambda q, dropout: q.dtype == torch.bfloat16)
     model = make_model(attn_implementation="varlen").eval()
