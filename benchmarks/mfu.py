@@ -19,8 +19,10 @@ the loss's target positions) and the LLM's text FLOPs as lmms-engine counts them
 comparable with Aero's published MFU). Tokens/s counts real LLM tokens per GPU, audio s/s seconds of audio per GPU.
 
 Run on one GPU: ``python benchmarks/mfu.py`` (~10 min on an H100). ``--tiny`` runs the same code on toy shapes in
-fp32 on CPU (a smoke test; its MFU is not meaningful). Writes ``benchmarks/results/mfu.json``
-(``mfu_tiny_cpu.json`` with ``--tiny``).
+fp32 on CPU (a smoke test; its MFU is not meaningful). ``--max-seconds S`` ends each row's timed loop once it has run
+S seconds (at least one timed step; the row records how many it timed), and ``--steps``, ``--warmup`` and ``--docs``
+shorten it further (``benchmarks/gpu_check.sh`` runs ``--steps 3 --warmup 2 --docs 400 --max-seconds 10``); the
+models are initialised on the GPU. Writes ``benchmarks/results/mfu.json`` (``mfu_tiny_cpu.json`` with ``--tiny``).
 """
 
 from __future__ import annotations
@@ -47,33 +49,51 @@ from aero_lightning.model.tiny import tiny_qwen2_config, tiny_whisper_config, tr
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 
+AERO_ENCODER = {"num_mel_bins": 128, "d_model": 1280, "layers": 32, "heads": 20, "ffn_dim": 5120}
+"""Whisper-large-v3's encoder (:func:`~aero_lightning.model.tiny.tiny_whisper_config` arguments)."""
+TINY_ENCODER = {"num_mel_bins": 128, "d_model": 64, "layers": 2, "heads": 2, "ffn_dim": 128}
+"""The toy encoder of ``--tiny`` (and of ``benchmarks/gpu_check.sh --dry-run``)."""
+QWEN2_5_1_5B_VOCAB = 151_936
+"""Qwen2.5-1.5B's embedding rows (its tokenizer has 151 665 tokens; the matrix is padded)."""
 
-def build_model(tiny: bool, attn: str, padding_free: bool, liger: bool, tokenizer) -> AeroModel:
-    """Random-init Aero-shaped (or toy) model in memory."""
+
+def aero_llm_config(vocab_size: int = QWEN2_5_1_5B_VOCAB) -> Qwen2Config:
+    """Qwen2.5-1.5B's architecture: hidden 1536, 28 layers, 12 query / 2 key-value heads, FFN 8960, tied
+    embeddings, RoPE theta 1e6, 32768 positions."""
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32_768,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    )
+
+
+def tiny_llm_config(vocab_size: int) -> Qwen2Config:
+    """The toy Qwen2-architecture LLM of ``--tiny``: 2 layers of width 64, 4 query / 2 key-value heads."""
+    config = tiny_qwen2_config(vocab_size=vocab_size, hidden_size=64, layers=2, heads=4, intermediate=128)
+    config.max_position_embeddings = 32_768
+    return config
+
+
+def build_model(
+    tiny: bool, attn: str, padding_free: bool, liger: bool, tokenizer, device: torch.device | None = None
+) -> AeroModel:
+    """Random-init Aero-shaped (or toy) model, initialised directly on ``device`` (a GPU inits 2.2B weights in
+    about a second; the CPU takes tens of seconds)."""
     torch.manual_seed(0)
-    if tiny:
-        enc_cfg = tiny_whisper_config(num_mel_bins=128, d_model=64, layers=2, heads=2, ffn_dim=128)
-        llm_cfg = tiny_qwen2_config(
-            vocab_size=len(tokenizer), hidden_size=64, layers=2, heads=4, intermediate=128
-        )
-    else:
-        enc_cfg = tiny_whisper_config(num_mel_bins=128, d_model=1280, layers=32, heads=20, ffn_dim=5120)
-        llm_cfg = Qwen2Config(
-            vocab_size=151_936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            max_position_embeddings=32_768,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        )
+    enc_cfg = tiny_whisper_config(**(TINY_ENCODER if tiny else AERO_ENCODER))
+    llm_cfg = tiny_llm_config(len(tokenizer)) if tiny else aero_llm_config()
     enc_cfg._attn_implementation = attn
     llm_cfg._attn_implementation = attn
-    encoder = WhisperAudioEncoder(PaddingFreeWhisperEncoder(enc_cfg), padding_free=padding_free)
-    llm = Qwen2ForCausalLM(llm_cfg)
-    projector = AvgPoolProjector(encoder_dim=enc_cfg.d_model, llm_dim=llm_cfg.hidden_size, pool=2)
+    with torch.device(device or "cpu"):
+        encoder = WhisperAudioEncoder(PaddingFreeWhisperEncoder(enc_cfg), padding_free=padding_free)
+        llm = Qwen2ForCausalLM(llm_cfg)
+        projector = AvgPoolProjector(encoder_dim=enc_cfg.d_model, llm_dim=llm_cfg.hidden_size, pool=2)
     return AeroModel(encoder, projector, llm, tokenizer, gradient_checkpointing=not tiny, liger=liger)
 
 
@@ -91,8 +111,19 @@ def documents(tokenizer, counter, n: int, seed: int = 0) -> list[dict]:
     return docs
 
 
-def measure(model: AeroModel, batches: list[dict], device, dtype, warmup: int, steps: int) -> dict:
-    """Train ``warmup + steps`` steps; time the last ``steps``; model FLOPs from real lengths."""
+def measure(
+    model: AeroModel,
+    batches: list[dict],
+    device,
+    dtype,
+    warmup: int,
+    steps: int,
+    max_seconds: float | None = None,
+) -> dict:
+    """Train ``warmup + steps`` steps; time the last ``steps``; model FLOPs from real lengths.
+
+    With ``max_seconds`` the timed loop ends after the first step that brings it past that many seconds (at least
+    one timed step); ``steps`` in the result is the number of steps timed."""
     model.to(device).train()
     params = count_params(model)
     optimizer = torch.optim.AdamW(
@@ -101,7 +132,7 @@ def measure(model: AeroModel, batches: list[dict], device, dtype, warmup: int, s
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     )
-    flops = llm_flops = tokens = audio_samples = 0
+    flops = llm_flops = tokens = audio_samples = timed = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -123,10 +154,15 @@ def measure(model: AeroModel, batches: list[dict], device, dtype, warmup: int, s
             llm_flops += step["lmms_engine"]
             tokens += sum(docs)
             audio_samples += int(batch["window_lengths"].sum())
+            timed += 1
+            if max_seconds is not None:
+                sync()
+                if time.perf_counter() - t0 >= max_seconds:
+                    break
     sync()
     wall = time.perf_counter() - t0
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"steps": steps, "wall_s": wall, "tokens_per_s": tokens / wall,
+    return {"steps": timed, "wall_s": wall, "tokens_per_s": tokens / wall,
             "audio_s_per_s": audio_samples / SAMPLE_RATE_HZ / wall, "model_flops_per_s": flops / wall,
             "llm_flops_per_s": llm_flops / wall, "peak_mem_gib": peak_mem}  # fmt: skip
 
@@ -138,6 +174,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--docs", type=int, default=1200)
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="end each row's timed loop after this many seconds (at least one timed step)",
+    )
+    parser.add_argument(
+        "--padded-length", type=int, default=None, help="padded budget (4096; 512 with --tiny)"
+    )
+    parser.add_argument(
+        "--packed-length", type=int, default=None, help="packed row (32768; 4096 with --tiny)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,8 +193,9 @@ def main() -> None:
         raise SystemExit("benchmarks/mfu.py needs a GPU (use --tiny for a CPU smoke test)")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     padded_len, packed_len = (512, 4096) if args.tiny else (4096, 32_768)
+    padded_len, packed_len = args.padded_length or padded_len, args.packed_length or packed_len
     tokenizer = train_tokenizer(WORDS * 20, vocab_size=400)
-    probe = build_model(args.tiny, "sdpa", True, False, tokenizer)
+    probe = build_model(args.tiny, "sdpa", True, False, tokenizer, torch.device("meta"))
     docs = documents(tokenizer, probe.audio_token_counter(), args.docs if not args.tiny else 64)
     del probe
     costs = [len(d["input_ids"]) for d in docs]
@@ -162,7 +211,12 @@ def main() -> None:
             usable = [(d, c) for d, c in doc_costs if c <= budget]
             ds, cs = [d for d, _ in usable], [c for _, c in usable]
             model = build_model(
-                args.tiny, "sdpa" if mode == "padded" else args.attn, mode == "packed", liger, tokenizer
+                args.tiny,
+                "sdpa" if mode == "padded" else args.attn,
+                mode == "packed",
+                liger,
+                tokenizer,
+                device,
             )
             counter = model.audio_token_counter()
             if mode == "packed":
@@ -172,7 +226,7 @@ def main() -> None:
                     collate_padded([ds[i] for i in b], counter, tokenizer.pad_token_id)
                     for b in plan_padded(cs, budget, sort=False)
                 ]
-            r = measure(model, batches, device, dtype, args.warmup, args.steps)
+            r = measure(model, batches, device, dtype, args.warmup, args.steps, args.max_seconds)
             r["mfu"] = r["model_flops_per_s"] / peak if peak else None
             r["mfu_llm"] = r["llm_flops_per_s"] / peak if peak else None
             r["liger"] = model.liger
