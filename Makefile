@@ -10,8 +10,12 @@ DEMO_TEST ?= 200
 DEMO_ARGS ?=
 DEMO_LONG_TRAIN ?= 40000
 PYTEST_ARGS ?=
+# make gpu-check: the interpreter (default: .venv/bin/python if present, else python3) and extra arguments, e.g.
+# GPU_CHECK_ARGS="--devices 8" for the preemption drill, "--skip mfu", "--keep"
+GPU_PYTHON ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: install demo demo-long test test-all lint format clean-demo
+.PHONY: install demo demo-long test test-all lint format clean-demo gpu-check gpu-check-dry
 
 # torch is installed first and pinned, so nothing can resolve a multi-GB CUDA build by accident.
 $(VENV)/.installed: pyproject.toml
@@ -56,3 +60,14 @@ format: install
 
 clean-demo:
 	rm -rf $(DEMO_CORPUS) $(DEMO_MODEL) outputs/demo outputs/demo_ctc outputs/demo_staged outputs/demo_long outputs/demo_finetune
+
+# One GPU, offline, < 10 min: import checks, pytest -m gpu, benchmarks/mfu.py at Aero's shapes, aero_full with ZeRO-2
+# (20 steps), ZeRO-3 and FSDP2 (3 steps), a 15-minute transcription; writes benchmarks/results/gpu_check_<device>.json
+# (benchmarks/README.md). Install first on the GPU machine (< 2 min), in the environment GPU_PYTHON names:
+#   pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 && pip install -e ".[gpu,dev]"
+gpu-check:
+	GPU_CHECK_PYTHON="$(GPU_PYTHON)" bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# The same steps on the CPU at tiny shapes (the test suite runs it too: tests/test_gpu_check.py).
+gpu-check-dry: install
+	GPU_CHECK_PYTHON="$(BIN)/python" bash benchmarks/gpu_check.sh --dry-run $(GPU_CHECK_ARGS)
