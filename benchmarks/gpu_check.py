@@ -299,11 +299,28 @@ def dir_size_gib(path: Path) -> float:
 
 
 def _fmt(x, digits: int = 2) -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and x != x):  # None or NaN
         return "n/a"
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+def strict_json(obj):
+    """``obj`` with every NaN or infinity replaced by None (``json.dumps`` would write ``NaN``, which is not JSON)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def _size(gib: float | None) -> str:
+    if gib is None:
+        return "n/a"
+    return f"{gib:.1f} GiB" if gib >= 0.1 else f"{gib * 1024:.1f} MiB"
 
 
 def key_numbers(row: Row) -> str:
@@ -328,8 +345,8 @@ def key_numbers(row: Row) -> str:
         return f"{n.get('source')}: {n.get('train')}/{n.get('validation')}/{n.get('test')} utterances, {n.get('hours', 0):.3f} h"
     if row.step == "components":
         return (
-            f"encoder {n.get('encoder_params_m', 0):.0f}M ({n.get('encoder_shape')}), "
-            f"LLM {n.get('llm_params_m', 0):.0f}M ({n.get('llm_shape')}, vocab {n.get('llm_vocab')}), "
+            f"encoder {n.get('encoder_params_m', 0):.4g}M ({n.get('encoder_shape')}), "
+            f"LLM {n.get('llm_params_m', 0):.4g}M ({n.get('llm_shape')}, vocab {n.get('llm_vocab')}), "
             f"tokenizer {n.get('tokenizer_size')}"
         )
     if row.step.startswith("train_"):
@@ -337,7 +354,7 @@ def key_numbers(row: Row) -> str:
             f"step {n.get('global_step')}, loss {_fmt(n.get('loss_first'))} -> {_fmt(n.get('loss_last'))}, "
             f"{_fmt(n.get('tokens_per_s'), 0)} tok/s, MFU {_fmt(n.get('mfu'))} / {_fmt(n.get('mfu_llm'))} (LLM), "
             f"peak {_fmt(n.get('peak_mem_gib'), 1)} GiB, val WER {_fmt(n.get('val_wer'))} x{n.get('wer_evals', 0)}, "
-            f"test WER {_fmt(n.get('test_wer'))}, ckpt {_fmt(n.get('checkpoint_gib'), 2)} GiB"
+            f"test WER {_fmt(n.get('test_wer'))}, checkpoint {_size(n.get('checkpoint_gib'))}"
         )
     if row.step == "transcribe":
         return (
@@ -1415,11 +1432,12 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [asdict(r) for r in rows],
         "table": table,
     }
-    out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    out.write_text(json.dumps(strict_json(summary), indent=2, default=str) + "\n")
     print("\n" + table)  # noqa: T201
-    print(
-        f"\n{device}: {len(rows) - len(failed)}/{len(rows)} steps not failed in {total:.0f} s; "  # noqa: T201
-        f"{'FAILED: ' + ', '.join(failed) if failed else 'OK'}; logs in {check.logs}; results {out}"
+    ok = sum(r.status == "ok" for r in rows)
+    print(  # noqa: T201
+        f"\n{device}: {ok} ok, {len(rows) - ok - len(failed)} skipped, {len(failed)} failed in {total:.0f} s"
+        f"{' (' + ', '.join(failed) + ')' if failed else ''}; logs in {check.logs}; results {out}"
     )
     return 1 if failed else 0
 

@@ -67,7 +67,11 @@ def dry_run(tmp_path_factory):
         timeout=900,
     )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.returncode, proc.stdout, json.loads(out.read_text()), root / "work"
+
+    def not_json(constant):
+        raise AssertionError(f"{out} holds {constant}, which is not JSON")
+
+    return proc.returncode, proc.stdout, json.loads(out.read_text(), parse_constant=not_json), root / "work"
 
 
 def test_dry_run_runs_every_step_and_reports_them(dry_run):
@@ -82,6 +86,7 @@ def test_dry_run_runs_every_step_and_reports_them(dry_run):
     assert result["failed"] == []
     # the printed table is the JSON's, one line per step
     assert result["table"] in stdout
+    assert "cpu (dry run): 8 ok, 1 skipped, 0 failed in " in stdout
     table_rows = [line for line in result["table"].splitlines()[2:]]
     assert [line.split(" | ")[0].lstrip("| ") for line in table_rows] == DRY_STEPS
     # the big artefacts are removed without --keep, the logs stay
@@ -307,6 +312,14 @@ def test_synthetic_corpus_is_a_readable_deterministic_prepared_corpus(tmp_path):
     # test first, then validation, then train, as the espeak-ng corpus cuts its splits
     assert set(texts[4:]) <= set(corpus_texts(tmp_path / "a", "train"))
     assert set(texts[:2]) <= set(corpus_texts(tmp_path / "a", "test"))
+
+
+def test_results_are_strict_json():
+    nan, inf = float("nan"), float("inf")
+    assert gpu_check.strict_json({"a": [nan, 1.5, (inf, -inf)], "b": {"c": nan, "d": "x"}}) == {
+        "a": [None, 1.5, [None, None]],
+        "b": {"c": None, "d": "x"},
+    }
 
 
 def test_slugify_and_table():
