@@ -141,6 +141,36 @@ def test_without_cuda_it_exits_at_once_with_a_clear_message(tmp_path):
     assert not (tmp_path / "work").exists() and not (tmp_path / "r.json").exists()  # no step ran
 
 
+def test_a_step_that_no_longer_fits_the_budget_is_skipped_not_started(tmp_path):
+    """The budget is what keeps the GPU check under 10 minutes: a step starts only while the time it needs is left
+    (10 s or more for every dry-run step), so with a 5 s budget none starts and each says why."""
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [
+            "bash",
+            str(SCRIPT),
+            "--dry-run",
+            "--budget-s",
+            "5",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert proc.returncode == 0
+    assert [(r["step"], r["status"]) for r in rows] == [(step, "skipped (time budget)") for step in DRY_STEPS]
+    needed = {r["step"]: r["note"].rsplit(", ", 1)[1] for r in rows}
+    assert needed == {s: f"{gpu_check.DRY_PLAN.caps[s][1]} s needed" for s in DRY_STEPS}
+    assert all(r["seconds"] == 0 for r in rows) and not list((tmp_path / "w" / "logs").glob("*.log"))
+
+
 def test_a_python_without_the_project_is_refused_with_the_install_command(tmp_path):
     python = shutil.which("python3", path="/usr/bin:/bin") or pytest.skip("no system python3")
     probe = subprocess.run([python, "-c", "import torch"], capture_output=True)
