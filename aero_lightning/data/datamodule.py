@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from aero_lightning.data.chat import AUDIO_TOKEN, IGNORE_INDEX, ctc_target_mask, encode_chat, prompt_messages
-from aero_lightning.data.packing import batch_documents, collate_padded
+from aero_lightning.data.packing import batch_documents, collate_padded, sample_clips
 from aero_lightning.data.shard_reader import ShardPass, resolve_split, shard_sample_counts
 from aero_lightning.data.shards import read_manifest
 from aero_lightning.data.stream import TrainStream, identity, mixture_probs, pad_token_id
@@ -81,7 +81,7 @@ class AsrCollator:
             enc = encode_chat(
                 self.tokenizer,
                 messages,
-                [self.audio_token_counter(int(s["waveform"].shape[0]))],
+                [self.audio_token_counter(int(clip.shape[0])) for clip in sample_clips(s)],
                 self.end_of_turn_token,
                 add_generation_prompt=self.for_generation,
             )

@@ -26,8 +26,8 @@ The packed batch contract (all CPU tensors, no L x L mask anywhere)::
                                  precision plugin casts an integer tensor (DeepSpeed's bf16 would round floats)
     window_lengths (W,)  int64   samples per window
     encoder_cu_seqlens (W+1,) int32  cumulative encoder frames per window (the encoder's own documents)
-    audio_samples (D,)   int64   samples per document's audio
-    keys, references, corpora    lists of D strings
+    audio_samples (D,)   int64   samples of audio per document (all its clips; 0 for a text-only document)
+    keys, references, corpora, tasks   lists of D strings
     duplicates                   list of D bools: repeats that pad a rank's evaluation pass (not scored)
 """
 
@@ -179,10 +179,21 @@ def to_pcm16(waveform: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(wave.astype(np.float64) * PCM_SCALE), -PCM_SCALE, PCM_SCALE - 1).astype(np.int16)
 
 
+def sample_clips(sample: dict) -> list[np.ndarray]:
+    """A sample's audio clips in order: its ``waveforms``, or ``[waveform]``, or ``[]`` for a text-only sample."""
+    if "waveforms" in sample:
+        return list(sample["waveforms"])
+    return [sample["waveform"]] if sample.get("waveform") is not None else []
+
+
 def _windows(samples: Sequence[dict], counter) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S,)`` int16 PCM of every window of every sample, back to back, and ``(W,)`` samples per window."""
-    lengths = [w for s in samples for w in counter.window_lengths(int(s["waveform"].shape[0]))]
-    pcm = np.concatenate([to_pcm16(s["waveform"]) for s in samples])  # windows are consecutive slices
+    """``(S,)`` int16 PCM of every window of every clip of every sample, back to back, and ``(W,)`` samples per
+    window (both empty for text-only batches)."""
+    clips = [clip for s in samples for clip in sample_clips(s)]
+    lengths = [w for clip in clips for w in counter.window_lengths(int(clip.shape[0]))]
+    if not clips:
+        return torch.zeros(0, dtype=torch.int16), torch.zeros(0, dtype=torch.long)
+    pcm = np.concatenate([to_pcm16(c) for c in clips])  # each clip's windows are consecutive slices
     return torch.from_numpy(pcm), torch.tensor(lengths, dtype=torch.long)
 
 
@@ -209,7 +220,10 @@ def _common(samples: Sequence[dict], counter) -> dict[str, Any]:
     return {
         "audio_pcm": audio_pcm,
         "window_lengths": window_lengths,
-        "audio_samples": torch.tensor([int(s["waveform"].shape[0]) for s in samples], dtype=torch.long),
+        "audio_samples": torch.tensor(
+            [sum(int(c.shape[0]) for c in sample_clips(s)) for s in samples], dtype=torch.long
+        ),
+        "tasks": [s.get("task", "asr") for s in samples],
         "keys": [s["key"] for s in samples],
         "references": [reference_text(s["messages"]) for s in samples],
         "corpora": [s.get("corpus", "") for s in samples],
@@ -221,8 +235,9 @@ def collate_padded(samples: Sequence[dict], counter, pad_id: int, left_pad: bool
     """Padded batch of pre-tokenised samples.
 
     Args:
-        samples: dicts with ``input_ids`` and ``labels`` (lists of ints, equal length), ``waveform`` (T,) float32
-            at 16 kHz, ``key``, ``messages`` and optionally ``corpus``.
+        samples: dicts with ``input_ids`` and ``labels`` (lists of ints, equal length), the audio clips
+            (``waveforms``: a list of ``(T,)`` arrays at 16 kHz, or one ``waveform``; none for text only), ``key``,
+            ``messages`` and optionally ``corpus`` and ``task``.
         counter: :class:`~aero_lightning.data.audio_tokens.AudioTokenCounter` of the model (30 s window split).
         pad_id: token id used for padding.
         left_pad: pad on the left (generation prompts) instead of the right.

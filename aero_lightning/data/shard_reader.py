@@ -25,6 +25,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -42,6 +43,9 @@ from aero_lightning.data.shards import read_manifest, shard_urls
 __all__ = [
     "AUDIO_EXTENSIONS",
     "ShardPass",
+    "audio_members",
+    "count_audio_parts",
+    "decode_clips",
     "decode_waveform",
     "dist_rank_world",
     "iter_samples",
@@ -55,6 +59,7 @@ __all__ = [
 
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
 """Audio member extensions accepted in shards, in order of preference."""
+_NUMBERED_AUDIO = re.compile(r"^(\d+)\.(?:flac|wav|ogg|mp3)$")
 
 
 # ------------------------------------------------------------------------------------------ split folders
@@ -184,8 +189,33 @@ def iter_tar(url: str, rejects: RejectCounter) -> Iterator[dict]:
         yield current
 
 
+def audio_members(raw: Mapping) -> list[str]:
+    """The audio members of a raw sample, in clip order: one ``flac``/``wav``/``ogg``/``mp3`` member, or numbered
+    members ``0.flac``, ``1.flac``, ... for a conversation with several clips; none for a text-only sample."""
+    single = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
+    if single is not None:
+        return [single]
+    numbered = [(int(m.group(1)), k) for k in raw if isinstance(k, str) and (m := _NUMBERED_AUDIO.match(k))]
+    return [k for _, k in sorted(numbered)]
+
+
+def count_audio_parts(messages: Sequence[Mapping]) -> int:
+    """Audio parts (``{"type": "audio"}``) in a conversation's messages."""
+    return sum(
+        1
+        for m in messages
+        if not isinstance(m.get("content"), str)
+        for part in (m.get("content") or [])
+        if isinstance(part, Mapping) and part.get("type") == "audio"
+    )
+
+
 def parse_sample(raw: Mapping, rejects: RejectCounter, max_duration_s: float | None = None) -> dict | None:
-    """Check one raw shard sample's JSON and find its audio member, without decoding the audio.
+    """Check one raw shard sample's JSON and find its audio members, without decoding the audio.
+
+    A sample holds as many audio members as its messages have audio parts: one (``<key>.flac``; ``duration_s`` is
+    its length), several (``<key>.0.flac``, ``<key>.1.flac``, ...; ``audio_durations_s`` lists their lengths and
+    ``duration_s`` is their sum) or none (a text-only conversation, ``task: text``; ``duration_s`` 0).
 
     Args:
         raw: a sample of :func:`iter_tar` (``__key__``, optionally ``__corpus__``, member bytes by extension).
@@ -194,28 +224,41 @@ def parse_sample(raw: Mapping, rejects: RejectCounter, max_duration_s: float | N
         max_duration_s: skip samples whose JSON ``duration_s`` is longer (seconds), or None.
 
     Returns:
-        ``{"key", "corpus", "messages", "duration_s", "num_samples", "audio"}``: ``corpus`` is ``raw["__corpus__"]``
-        when set (the training mixture's name) else the JSON's ``corpus``; ``num_samples`` is
-        ``round(duration_s * 16000)``; ``audio`` the encoded audio bytes. None if the sample is skipped.
+        ``{"key", "corpus", "task", "messages", "duration_s", "num_samples", "clip_samples", "audio"}``: ``corpus``
+        is ``raw["__corpus__"]`` when set (the training mixture's name) else the JSON's ``corpus``; ``task`` the
+        JSON's (``asr`` when absent); ``clip_samples`` each clip's ``round(seconds * 16000)``, ``num_samples``
+        their sum; ``audio`` the clips' encoded bytes, in order. None if the sample is skipped.
     """
     key = raw["__key__"]
-    audio_ext = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
-    if "json" not in raw or audio_ext is None:
+    members = audio_members(raw)
+    if "json" not in raw:
         rejects.reject("missing_member", key, f"has {sorted(k for k in raw if not k.startswith('__'))}")
         return None
     try:
         meta = json.loads(raw["json"])
         duration_s = float(meta["duration_s"])
         messages = meta["messages"]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+        parts = count_audio_parts(messages)
+        if parts > 1:
+            clip_seconds = [float(d) for d in meta["audio_durations_s"]]
+        else:
+            clip_seconds = [duration_s] * parts
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
         rejects.reject("bad_json", key, repr(err))
+        return None
+    if parts != len(members) or len(clip_seconds) != parts:
+        rejects.reject(
+            "missing_member",
+            key,
+            f"{parts} audio part(s) in the messages, audio members {members}, {len(clip_seconds)} duration(s)",
+        )
         return None
     if not messages or not reference_text(messages).strip():
         rejects.reject("empty_text", key)
         return None
-    num_samples = round(duration_s * SAMPLE_RATE_HZ)
-    if num_samples < 1:
-        rejects.reject("empty_audio", key, f"duration_s={duration_s}")
+    clip_samples = [round(d * SAMPLE_RATE_HZ) for d in clip_seconds]
+    if any(n < 1 for n in clip_samples):
+        rejects.reject("empty_audio", key, f"clip durations {clip_seconds} s")
         return None
     if max_duration_s is not None and duration_s > max_duration_s:
         rejects.reject("too_long", key, f"{duration_s:.1f} s > max_duration_s={max_duration_s}")
@@ -224,10 +267,12 @@ def parse_sample(raw: Mapping, rejects: RejectCounter, max_duration_s: float | N
     return {
         "key": key,
         "corpus": corpus,
+        "task": str(meta.get("task") or "asr"),
         "messages": messages,
         "duration_s": duration_s,
-        "num_samples": num_samples,
-        "audio": raw[audio_ext],
+        "num_samples": sum(clip_samples),
+        "clip_samples": clip_samples,
+        "audio": [raw[m] for m in members],
     }
 
 
@@ -272,6 +317,26 @@ def decode_waveform(
     return waveform[:, 0]
 
 
+def decode_clips(
+    item: Mapping, rejects: RejectCounter, audio_token_counter: Callable[[int], int] | None = None
+) -> list[np.ndarray] | None:
+    """Decode and check every audio clip of a sample :func:`parse_sample` accepted (:func:`decode_waveform`).
+
+    Returns:
+        ``(T_i,)`` float32 waveforms at 16 kHz, in clip order (empty for a text-only sample), or None if a clip is
+        unusable (the sample is then skipped and counted once).
+    """
+    clips = []
+    for audio, num_samples in zip(item["audio"], item["clip_samples"]):
+        wave = decode_waveform(
+            {"key": item["key"], "audio": audio, "num_samples": num_samples}, rejects, audio_token_counter
+        )
+        if wave is None:
+            return None
+        clips.append(wave)
+    return clips
+
+
 def read_sample(raw: Mapping, rejects: RejectCounter, max_duration_s: float | None = None) -> dict | None:
     """One raw shard sample as the validation / generation collators take it (:func:`parse_sample` + decode).
 
@@ -281,22 +346,27 @@ def read_sample(raw: Mapping, rejects: RejectCounter, max_duration_s: float | No
         max_duration_s: skip longer samples (seconds, JSON ``duration_s``), or None.
 
     Returns:
-        ``{"key": str, "waveform": (T,) float32 at 16 kHz, "messages": list, "duration_s": T / 16000,
-        "corpus": str}``, or None if the sample is skipped.
+        ``{"key": str, "waveforms": [(T_i,) float32 at 16 kHz, ...], "messages": list, "duration_s": seconds of
+        audio, "corpus": str, "task": str}``, plus ``"waveform"`` (the clip) when there is exactly one; None if the
+        sample is skipped.
     """
     item = parse_sample(raw, rejects, max_duration_s)
     if item is None:
         return None
-    waveform = decode_waveform(item, rejects)
-    if waveform is None:
+    clips = decode_clips(item, rejects)
+    if clips is None:
         return None
-    return {
+    sample = {
         "key": item["key"],
-        "waveform": waveform,
+        "waveforms": clips,
         "messages": item["messages"],
-        "duration_s": waveform.shape[0] / SAMPLE_RATE_HZ,
+        "duration_s": sum(c.shape[0] for c in clips) / SAMPLE_RATE_HZ,
         "corpus": item["corpus"],
+        "task": item["task"],
     }
+    if len(clips) == 1:
+        sample["waveform"] = clips[0]
+    return sample
 
 
 def iter_samples(

@@ -208,17 +208,26 @@ class ShardWriter:
         """Number of samples written so far."""
         return len(self.durations_s)
 
-    def write(self, key: str, audio: bytes, record: Mapping[str, Any], audio_ext: str = "flac") -> None:
+    def write(
+        self,
+        key: str,
+        audio: bytes | Sequence[bytes] | None,
+        record: Mapping[str, Any],
+        audio_ext: str = "flac",
+    ) -> None:
         """Append one sample.
 
         Args:
             key: unique sample key; no ``.`` or ``/`` (WebDataset splits the key at the first dot).
-            audio: encoded audio bytes (see :func:`encode_flac`).
-            record: the sample's JSON record; must contain ``duration_s`` (seconds).
-            audio_ext: extension of the audio member.
+            audio: encoded audio bytes (see :func:`encode_flac`) of the sample's one clip; a list of them for a
+                conversation with several clips (members ``<key>.0.flac``, ``<key>.1.flac``, ...; the record then
+                needs ``audio_durations_s``); None or ``[]`` for a text-only sample.
+            record: the sample's JSON record; must contain ``duration_s`` (seconds of audio in all).
+            audio_ext: extension of the audio members.
 
         Raises:
-            ValueError: on a malformed or duplicate key, or a record without ``duration_s``.
+            ValueError: on a malformed or duplicate key, a record without ``duration_s``, or several clips without
+                one ``audio_durations_s`` entry each.
         """
         if not key or "." in key or "/" in key:
             raise ValueError(f"invalid sample key {key!r}: must be non-empty without '.' or '/'")
@@ -226,11 +235,19 @@ class ShardWriter:
             raise ValueError(f"duplicate sample key {key!r}")
         if "duration_s" not in record:
             raise ValueError(f"record of {key!r} has no 'duration_s'")
+        clips = [] if audio is None else [audio] if isinstance(audio, (bytes, bytearray)) else list(audio)
+        if len(clips) > 1 and len(record.get("audio_durations_s") or ()) != len(clips):
+            raise ValueError(
+                f"record of {key!r} needs audio_durations_s with one entry per clip ({len(clips)})"
+            )
         if self._tar is None:
             self._open_next()
         assert self._tar is not None and self._current is not None
         payload = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        _tar_add_bytes(self._tar, f"{key}.{audio_ext}", audio)
+        if len(clips) == 1:
+            _tar_add_bytes(self._tar, f"{key}.{audio_ext}", clips[0])
+        for i, clip in enumerate(clips if len(clips) > 1 else []):
+            _tar_add_bytes(self._tar, f"{key}.{i}.{audio_ext}", clip)
         _tar_add_bytes(self._tar, f"{key}.json", payload)
         self._keys.add(key)
         duration_s = float(record["duration_s"])

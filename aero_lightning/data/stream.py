@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from aero_lightning.data.chat import encode_chat
 from aero_lightning.data.packing import PACKING_MODES, make_collate, plan_batches
 from aero_lightning.data.rejects import RejectCounter
-from aero_lightning.data.shard_reader import decode_waveform, dist_rank_world, iter_tar, parse_sample
+from aero_lightning.data.shard_reader import decode_clips, dist_rank_world, iter_tar, parse_sample
 
 logger = logging.getLogger(__name__)
 
@@ -335,9 +335,10 @@ class TrainStream(IterableDataset):
         item = parse_sample(raw, rejects, self.max_duration_s)
         if item is None:
             return None
-        key, messages, num_samples = item["key"], item["messages"], item["num_samples"]
+        key, messages = item["key"], item["messages"]
         try:
-            enc = encode_chat(self.tokenizer, messages, [self.counter(num_samples)], self.end_of_turn_token)
+            counts = [self.counter(n) for n in item["clip_samples"]]
+            enc = encode_chat(self.tokenizer, messages, counts, self.end_of_turn_token)
         except (ValueError, KeyError, TypeError) as err:
             rejects.reject("bad_messages", key, str(err))
             return None
@@ -348,20 +349,22 @@ class TrainStream(IterableDataset):
         return {
             "key": key,
             "corpus": item["corpus"],
+            "task": item["task"],
             "messages": messages,
             "input_ids": enc.input_ids,
             "labels": enc.labels,
-            "num_samples": num_samples,
+            "num_samples": item["num_samples"],
+            "clip_samples": item["clip_samples"],
             "audio": item["audio"],
             "cost": cost,
         }
 
     def _decode(self, item: dict, rejects: RejectCounter) -> dict | None:
-        """Decode one planned sample's audio; None (counted) if it is unusable."""
-        waveform = decode_waveform(item, rejects, self.counter)
-        if waveform is None:
+        """Decode one planned sample's audio clips; None (counted) if one is unusable."""
+        clips = decode_clips(item, rejects, self.counter)
+        if clips is None:
             return None
-        return {k: v for k, v in item.items() if k != "audio"} | {"waveform": waveform}
+        return {k: v for k, v in item.items() if k != "audio"} | {"waveforms": clips}
 
     # ------------------------------------------------------------------ iteration
     def _plan(self, logical: int, total: int) -> dict[str, tuple[list[str], list[int] | None]]:

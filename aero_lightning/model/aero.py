@@ -306,7 +306,9 @@ class AeroModel(nn.Module):
                 or ``position_ids`` + ``cu_seqlens`` (packed), already on the model's device.
             return_logits: see :meth:`forward` (False: loss only, no full logits).
         """
-        features, lengths = self.compute_features(batch["audio_pcm"], batch["window_lengths"])
+        features, lengths = None, None
+        if batch["window_lengths"].numel():  # a text-only batch has no audio
+            features, lengths = self.compute_features(batch["audio_pcm"], batch["window_lengths"])
         return self(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),  # absent for packed batches

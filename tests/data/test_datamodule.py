@@ -146,7 +146,8 @@ def test_read_sample_accepts_valid_sample():
         (_raw(text=""), "empty_text"),
         (_raw(text="   "), "empty_text"),
         (_raw(seconds=12.0), "too_long"),
-        ({"__key__": "k", "json": b"{}"}, "missing_member"),
+        ({k: v for k, v in _raw().items() if k != "flac"}, "missing_member"),
+        ({"__key__": "k", "flac": _raw()["flac"]}, "missing_member"),
     ],
     ids=[
         "bad_json",
@@ -158,6 +159,7 @@ def test_read_sample_accepts_valid_sample():
         "blank_text",
         "too_long",
         "no_flac",
+        "no_json",
     ],
 )
 def test_read_sample_skips_and_counts(raw, reason):

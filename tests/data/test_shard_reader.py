@@ -102,7 +102,7 @@ def test_wav_and_flac_shards_give_the_same_samples(tmp_path):
     wav = list(ShardPass(_write_split(tmp_path / "wav", SHARDS, "wav")))
     assert [s["key"] for s in flac] == [s["key"] for s in wav] == ALL_KEYS
     for f, w in zip(flac, wav):
-        assert set(f) == set(w) == {"key", "waveform", "messages", "duration_s", "corpus"}
+        assert set(f) == set(w) == {"key", "waveform", "waveforms", "messages", "duration_s", "corpus", "task"}
         assert f["waveform"].dtype == w["waveform"].dtype == np.float32
         assert f["waveform"].shape == w["waveform"].shape == (8000,)
         assert np.array_equal(f["waveform"], w["waveform"])  # both lossless 16-bit PCM of the same wave
