@@ -1370,6 +1370,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--devices must be >= 1")
     if args.budget_s is None:
         args.budget_s = 900.0 if args.dry_run else 570.0
+    caller = Path(
+        os.environ.get("GPU_CHECK_CWD") or os.getcwd()
+    )  # gpu_check.sh runs from the repository root
+    args.workdir = str(caller / args.workdir)
+    args.out = str(caller / args.out) if args.out else None
     return args
 
 

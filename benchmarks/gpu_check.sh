@@ -16,6 +16,9 @@
 # Exit status: 0 all steps ok or skipped, 1 a step failed or timed out, 2 no CUDA device (without --dry-run).
 set -euo pipefail
 
+# relative --workdir / --out are the caller's, not the repository root's
+GPU_CHECK_CWD="$PWD"
+export GPU_CHECK_CWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 python="${GPU_CHECK_PYTHON:-}"
