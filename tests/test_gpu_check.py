@@ -143,21 +143,12 @@ def test_without_cuda_it_exits_at_once_with_a_clear_message(tmp_path):
 
 def test_a_step_that_no_longer_fits_the_budget_is_skipped_not_started(tmp_path):
     """The budget is what keeps the GPU check under 10 minutes: a step starts only while the time it needs is left
-    (10 s or more for every dry-run step), so with a 5 s budget none starts and each says why."""
+    (10 s or more for every dry-run step), so with a 5 s budget none starts and each says why. Relative --workdir
+    and --out are the caller's."""
     out = tmp_path / "r.json"
     proc = subprocess.run(
-        [
-            "bash",
-            str(SCRIPT),
-            "--dry-run",
-            "--budget-s",
-            "5",
-            "--workdir",
-            str(tmp_path / "w"),
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
+        ["bash", str(SCRIPT), "--dry-run", "--budget-s", "5", "--workdir", "w", "--out", "r.json"],
+        cwd=tmp_path,
         env=_env(),
         capture_output=True,
         text=True,
