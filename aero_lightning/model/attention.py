@@ -6,7 +6,7 @@ and must not build an ``L x L`` mask (at ``packing_length = 32768`` a boolean on
 ``model.attn_implementation`` selects the backend of both the encoder and the LLM:
 
 - ``flash_attention_2``: transformers' flash-attn integration, varlen kernels driven by ``cu_seq_lens_q/k``
-  (needs the ``gpu`` extra).
+  (needs the ``flash`` extra; the ``gpu`` extra no longer pulls flash-attn, which builds from source).
 - ``varlen`` (registered here): on CUDA in bf16/fp16, PyTorch's ``torch.nn.attention.varlen.varlen_attn``
   (FlashAttention kernels shipped with PyTorch, no extra package; under autocast q, k and v are cast to the
   autocast dtype first); elsewhere (CPU, fp32) one
