@@ -7,14 +7,19 @@
   config, builds a fresh projector, and copies weights from an earlier run (``init_from``).
 - :func:`save_pretrained` / :func:`from_pretrained`: a self-describing folder (``encoder/``, ``llm/`` with the
   tokenizer, ``projector.safetensors``, ``aero_config.json``).
+- :func:`save_run_model` / :func:`model_from_run_folder`: the run's own model folder (``<run>/model/``: component
+  configs, the tokenizer with its chat template, the AeroModel settings; no weights), written when training
+  starts, so that a run folder loads wherever it is copied.
 - :func:`load_model`: a model for inference from a Lightning checkpoint, a run folder or a ``save_pretrained``
-  folder. A Lightning checkpoint is rebuilt from the run's ``config.yaml`` (written by
-  :func:`aero_lightning.tasks.train.train` into the run folder; checkpoints live in ``<run>/checkpoints/``), looked
-  up next to the file and one and two folders above it; its weights are ``state_dict`` entries prefixed ``model.``.
-  The checkpoint is a ``.ckpt`` file, or a folder of shards that is consolidated in memory: an FSDP2 distributed
-  checkpoint (``torch.distributed.checkpoint``) or a DeepSpeed ZeRO checkpoint (fp32 master weights).
-  The config's encoder and LLM checkpoints must still be reachable. Training-only switches are turned off for
-  inference: Liger kernels, activation checkpointing, ``init_from``.
+  folder. A Lightning checkpoint (checkpoints live in ``<run>/checkpoints/``) is rebuilt from the run's
+  ``model/`` folder, looked up next to the file and one and two folders above it, with random weights, then every
+  weight is loaded from the checkpoint (``state_dict`` entries prefixed ``model.``): nothing outside the run
+  folder is read, neither the encoder and LLM folders or hub ids the run started from nor the data folders. A run
+  written before that folder existed is rebuilt from its ``config.yaml`` instead, with a warning: that reads the
+  encoder, LLM and tokenizer from the paths the config names. The checkpoint is a ``.ckpt`` file, or a folder of
+  shards that is consolidated in memory: an FSDP2 distributed checkpoint (``torch.distributed.checkpoint``) or a
+  DeepSpeed ZeRO checkpoint (fp32 master weights). Training-only switches are off for inference: Liger kernels,
+  activation checkpointing, ``init_from``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -31,11 +37,19 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
 
 from aero_lightning.data.chat import AUDIO_SPECIAL_TOKENS
+from aero_lightning.errors import UserFileNotFoundError
 from aero_lightning.model.aero import AeroModel
-from aero_lightning.model.encoders import WhisperAudioEncoder
+from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
 from aero_lightning.model.projector import PROJECTORS, Projector, projector_spec
 from aero_lightning.model.ssl_encoders import SSL_TYPES, SSLAudioEncoder
 
@@ -50,13 +64,16 @@ __all__ = [
     "distributed_checkpoint_state_dict",
     "ensure_audio_tokens",
     "find_run_config",
+    "find_run_model",
     "from_pretrained",
     "lightning_model_weights",
     "load_encoder",
     "load_model",
     "load_weights_from",
+    "model_from_run_folder",
     "resolve_checkpoint",
     "save_pretrained",
+    "save_run_model",
     "sharded_model_weights",
 ]
 
@@ -270,7 +287,7 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
     """
     path = Path(ckpt).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"checkpoint {path} does not exist; give a Lightning .ckpt, a training run folder (with "
             "checkpoints/last.ckpt) or a folder written by save_pretrained"
         )
@@ -278,10 +295,10 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
         return path
     last = path / "checkpoints" / "last.ckpt"
     if last.is_symlink() and not last.exists():
-        raise FileNotFoundError(f"{last} is a link to {os.readlink(last)}, which does not exist")
+        raise UserFileNotFoundError(f"{last} is a link to {os.readlink(last)}, which does not exist")
     if checkpoint_kind(last) is not None:
         return last
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         f"{path} is a folder without aero_config.json (save_pretrained), checkpoints/last.ckpt (training run), "
         ".metadata (FSDP2 distributed checkpoint) or latest (DeepSpeed checkpoint)"
     )
@@ -298,9 +315,10 @@ def find_run_config(ckpt_file: Path) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise FileNotFoundError(
-        f"no config.yaml for {ckpt_file}: looked for {[str(c) for c in candidates]}. Training writes it into the "
-        "run folder (<run>/config.yaml next to <run>/checkpoints/); copy it there or pass config=PATH"
+    raise UserFileNotFoundError(
+        f"no model/ folder or config.yaml for {ckpt_file}: looked for {[str(c) for c in candidates]}. Training "
+        "writes both into the run folder (next to <run>/checkpoints/); copy the checkpoint with its run folder, "
+        "or pass config=PATH"
     )
 
 
@@ -505,7 +523,9 @@ def from_pretrained(path: str | os.PathLike, attn_implementation: str = "sdpa") 
     path = Path(path)
     cfg_file = path / "aero_config.json"
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file} not found: {path} is not a folder written by save_pretrained")
+        raise UserFileNotFoundError(
+            f"{cfg_file} not found: {path} is not a folder written by save_pretrained"
+        )
     cfg = json.loads(cfg_file.read_text())
     proj_cfg = dict(cfg["projector"])
     proj_cls = PROJECTORS[proj_cfg.pop("type")]
@@ -525,6 +545,188 @@ def from_pretrained(path: str | os.PathLike, attn_implementation: str = "sdpa") 
     )
     model.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
     return model
+
+
+# -------------------------------------------------------------------------------- run model folders
+
+RUN_MODEL_DIR = "model"
+"""The folder of a training run (``<run>/model/``) that :func:`save_run_model` writes at the start of fit."""
+
+RUN_MODEL_FILE = "aero_model.json"
+"""The AeroModel settings inside :data:`RUN_MODEL_DIR`."""
+
+RUN_MODEL_FORMAT = 1
+"""Version of :data:`RUN_MODEL_FILE`'s layout."""
+
+
+def _param_dtype(module: nn.Module) -> str | None:
+    """Name of the dtype of ``module``'s first floating parameter (``"float32"``), None without one."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
+def save_run_model(model: AeroModel, out_dir: str | os.PathLike) -> Path:
+    """Write everything that rebuilds ``model``'s architecture, but no weights, into ``out_dir`` (``<run>/model``).
+
+    Layout::
+
+        encoder/config.json         the audio encoder's transformers config (Whisper, HuBERT or wav2vec 2.0)
+        llm/config.json             the LLM's config, its vocabulary already grown by the audio tokens
+        llm/generation_config.json
+        llm/tokenizer.json, tokenizer_config.json, chat_template.jinja, ...   the tokenizer the model uses
+        aero_model.json             encoder type and options, projector, end-of-turn token, CTC head, attention
+                                    backends and parameter dtypes
+
+    A Lightning checkpoint of the run holds every weight, so :func:`model_from_run_folder` plus the checkpoint
+    restore the model without the encoder and LLM folders or hub ids the run started from, and without the data
+    folders whose texts the demo tokenizer was trained on. The folder is written beside ``out_dir`` and then moved
+    into place, so a reader never sees half of it, and several processes of one run may write it at once.
+
+    Args:
+        model: the model as training builds it (after :func:`ensure_audio_tokens`).
+        out_dir: the folder to write; replaced if it exists.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        TypeError: for an encoder or projector class this module cannot rebuild.
+    """
+    out = Path(out_dir)
+    encoder = model.encoder
+    if isinstance(encoder, WhisperAudioEncoder):
+        enc_spec = {"type": "whisper", "padding_free": bool(encoder.padding_free)}
+    elif isinstance(encoder, SSLAudioEncoder):
+        enc_spec = {"type": encoder.encoder.config.model_type, "normalize": bool(encoder.normalize)}
+    else:
+        raise TypeError(f"cannot record an encoder of type {type(encoder).__name__}")
+    enc_spec["attn_implementation"] = encoder.encoder.config._attn_implementation
+    enc_spec["torch_dtype"] = _param_dtype(encoder)
+    spec = {
+        "format": RUN_MODEL_FORMAT,
+        "encoder": enc_spec,
+        "llm": {
+            "attn_implementation": model.llm.config._attn_implementation,
+            "torch_dtype": _param_dtype(model.llm),
+        },
+        "projector": projector_spec(model.projector),
+        "projector_dtype": _param_dtype(model.projector),
+        "end_of_turn_token": model.end_of_turn_token,
+        "ctc_weight": model.ctc_weight,
+        "ctc_only": model.ctc_only,
+        "loss_chunk_tokens": model.loss_chunk_tokens,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.encoder.config.save_pretrained(tmp / "encoder")
+    model.llm.config.save_pretrained(tmp / "llm")
+    model.llm.generation_config.save_pretrained(tmp / "llm")
+    model.tokenizer.save_pretrained(tmp / "llm")
+    (tmp / RUN_MODEL_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    try:
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError:
+        # another process of the same run moved its identical copy into place in between
+        if not (out / RUN_MODEL_FILE).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def model_from_run_folder(folder: str | os.PathLike, attn_implementation: str | None = None) -> AeroModel:
+    """Build the model that :func:`save_run_model` described, with random weights.
+
+    Nothing outside ``folder`` is read: the components are instantiated from their configs (random init) and the
+    tokenizer is the folder's own. Load the weights from a checkpoint of the run afterwards (:func:`load_model`).
+
+    Args:
+        folder: a ``<run>/model`` folder.
+        attn_implementation: attention backend of the LLM and of a Whisper encoder instead of the recorded ones
+            (``varlen``, ``sdpa``, ...); HuBERT and wav2vec 2.0 encoders keep theirs, as in
+            :func:`build_aero_model`.
+
+    Returns:
+        The :class:`AeroModel`, random-initialised, in training mode.
+
+    Raises:
+        FileNotFoundError: if ``folder`` has no :data:`RUN_MODEL_FILE` (a
+            :class:`~aero_lightning.errors.UserError`).
+        ValueError: for a newer layout version or an unknown encoder type.
+    """
+    folder = Path(folder)
+    spec_file = folder / RUN_MODEL_FILE
+    if not spec_file.is_file():
+        raise UserFileNotFoundError(f"{spec_file} not found: {folder} is not a run's model folder")
+    spec = json.loads(spec_file.read_text())
+    if int(spec.get("format", 0)) > RUN_MODEL_FORMAT:
+        raise ValueError(
+            f"{spec_file} has format {spec['format']}; this aero_lightning reads up to {RUN_MODEL_FORMAT}"
+        )
+    enc = spec["encoder"]
+    kind = enc["type"]
+    enc_config = AutoConfig.from_pretrained(folder / "encoder")
+    if kind == "whisper":
+        whisper = PaddingFreeWhisperEncoder._from_config(
+            enc_config,
+            attn_implementation=attn_implementation or enc["attn_implementation"],
+            dtype=_dtype(enc.get("torch_dtype")),
+        )
+        encoder: nn.Module = WhisperAudioEncoder(whisper, padding_free=enc["padding_free"])
+    elif kind in SSL_TYPES:
+        ssl = AutoModel.from_config(
+            enc_config, attn_implementation=enc["attn_implementation"], dtype=_dtype(enc.get("torch_dtype"))
+        )
+        encoder = SSLAudioEncoder(ssl, normalize=enc["normalize"])
+    else:
+        raise ValueError(f"{spec_file}: unknown encoder type {kind!r} (known: {ENCODER_TYPES})")
+    llm_spec = spec["llm"]
+    llm = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(folder / "llm"),
+        attn_implementation=attn_implementation or llm_spec["attn_implementation"],
+        dtype=_dtype(llm_spec.get("torch_dtype")),
+    )
+    if (folder / "llm" / "generation_config.json").is_file():
+        llm.generation_config = GenerationConfig.from_pretrained(folder / "llm")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "llm")
+    ensure_audio_tokens(tokenizer, llm)  # the saved tokenizer has them: a no-op unless the folder was edited
+    proj_cfg = dict(spec["projector"])
+    projector = PROJECTORS[proj_cfg.pop("type")](
+        encoder_dim=encoder.hidden_size, llm_dim=llm.config.hidden_size, **proj_cfg
+    )
+    if spec.get("projector_dtype"):
+        projector = projector.to(_dtype(spec["projector_dtype"]))
+    return AeroModel(
+        encoder,
+        projector,
+        llm,
+        tokenizer,
+        end_of_turn_token=spec["end_of_turn_token"],
+        ctc_weight=spec.get("ctc_weight", 0.0),
+        loss_chunk_tokens=spec.get("loss_chunk_tokens", 4096),
+        ctc_only=spec.get("ctc_only", False),
+    )
+
+
+def find_run_model(ckpt: Path, config: str | os.PathLike | None = None) -> Path | None:
+    """The run's model folder (:data:`RUN_MODEL_DIR`) for a checkpoint, or None for a run written before it existed.
+
+    Looked for next to ``config`` when given, then in the checkpoint's folder and the two above it (checkpoints
+    live in ``<run>/checkpoints/``; a sharded checkpoint is a folder there).
+    """
+    places = [Path(config).parent] if config is not None else []
+    places += [ckpt.parent, ckpt.parent.parent, ckpt.parent.parent.parent]
+    for place in places:
+        if (place / RUN_MODEL_DIR / RUN_MODEL_FILE).is_file():
+            return place / RUN_MODEL_DIR
+    return None
 
 
 def _model_from_config(config_file: Path, attn_implementation: str | None) -> AeroModel:
@@ -557,15 +759,17 @@ def load_model(
             ``save_pretrained`` folder (:func:`resolve_checkpoint`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; None = CUDA when available, else CPU.
         dtype: ``"float32"``, ``"bfloat16"``, ...; None keeps the loaded dtype (float32 for the demo).
-        config: the run's ``config.yaml`` when it is not next to the checkpoint.
-        attn_implementation: override the config's attention backend (``varlen``, ``sdpa``, ...).
+        config: the run's ``config.yaml`` when the run folder is not next to the checkpoint; its folder is searched
+            for the run's ``model/`` first.
+        attn_implementation: override the run's attention backend (``varlen``, ``sdpa``, ...).
 
     Returns:
         The model on ``device``, in eval mode.
 
     Raises:
-        FileNotFoundError, ValueError, ImportError: see :func:`resolve_checkpoint`, :func:`find_run_config` and
-            :func:`sharded_model_weights`.
+        FileNotFoundError, ValueError, ImportError: see :func:`resolve_checkpoint`, :func:`find_run_config`,
+            :func:`model_from_run_folder` and :func:`sharded_model_weights`; a ``FileNotFoundError`` is a
+            :class:`~aero_lightning.errors.UserError`.
         RuntimeError: if the checkpoint's weights do not fit the config's model (missing or unexpected keys).
     """
     path = resolve_checkpoint(ckpt)
@@ -574,8 +778,23 @@ def load_model(
         model = from_pretrained(path, attn_implementation=attn_implementation or "sdpa")
         source = f"save_pretrained folder {path}"
     else:
-        config_file = Path(config) if config is not None else find_run_config(path)
-        model = _model_from_config(config_file, attn_implementation)
+        run_model = find_run_model(path, config)
+        if run_model is not None:
+            model = model_from_run_folder(run_model, attn_implementation)
+            built_from = f"model folder {run_model}"
+        else:
+            config_file = Path(config) if config is not None else find_run_config(path)
+            logger.warning(
+                "%s has no %s/ folder next to it (a run trained before runs carried their model settings): "
+                "rebuilding the model from %s, which reads the encoder, the LLM and the tokenizer from the "
+                "paths it names; if those folders changed since, the tokenizer may not be the one it was "
+                "trained with",
+                path,
+                RUN_MODEL_DIR,
+                config_file,
+            )
+            model = _model_from_config(config_file, attn_implementation)
+            built_from = f"config {config_file}"
         if kind in SHARDED_KINDS:
             weights, step = sharded_model_weights(path)
         else:
@@ -583,10 +802,10 @@ def load_model(
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise RuntimeError(
-                f"{path} does not fit the model of {config_file}: missing {list(missing)[:8]} "
+                f"{path} does not fit the model of {built_from}: missing {list(missing)[:8]} "
                 f"(+{max(0, len(missing) - 8)}), unexpected {list(unexpected)[:8]} (+{max(0, len(unexpected) - 8)})"
             )
-        source = f"checkpoint {path} (step {'?' if step is None else step}, config {config_file})"
+        source = f"checkpoint {path} (step {'?' if step is None else step}, {built_from})"
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=torch.device(device))

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from aero_lightning.callbacks.preemption import HPC_PATTERN, resume_checkpoint
 from aero_lightning.lit_module import AeroLitModule
+from aero_lightning.model.build import RUN_MODEL_DIR, save_run_model
 from aero_lightning.model.freeze import unfreezable
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,10 @@ def train(cfg: DictConfig) -> dict:
     """Run a training job.
 
     Steps: seed; check every data folder (a missing or empty one fails here, before the model is loaded); build the
-    model with ``from_pretrained``; fit (resuming from ``cfg.ckpt_path``, else, for an interrupted run, from its
-    newest checkpoint: :func:`resume_path`); decode ``data.test_dir`` greedily and score WER if ``cfg.run_test``.
+    model with ``from_pretrained``; write ``config.yaml`` and the run's ``model/`` folder
+    (:func:`~aero_lightning.model.build.save_run_model`: what loading the checkpoints needs besides the weights);
+    fit (resuming from ``cfg.ckpt_path``, else, for an interrupted run, from its newest checkpoint:
+    :func:`resume_path`); decode ``data.test_dir`` greedily and score WER if ``cfg.run_test``.
 
     Returns:
         ``{"output_dir", "best_checkpoint", "last_checkpoint", "test": {...WER...}}``.
@@ -118,6 +121,9 @@ def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # checkpoints hold every weight; with this folder (configs, tokenizer, settings) the run loads without the
+    # component folders, hub ids and data folders it was built from (load_model reads only the run folder)
+    save_run_model(model, output_dir / RUN_MODEL_DIR)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
     result = {"output_dir": str(output_dir), "data_rejected": datamodule.rejected_counts()}

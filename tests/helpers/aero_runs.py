@@ -1,4 +1,4 @@
-"""Test helpers: a training run folder as `train.py` leaves it (config.yaml + Lightning checkpoint), and
+"""Test helpers: a training run folder as `train.py` leaves it (config.yaml, model/, Lightning checkpoint), and
 espeak-ng speech clips."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
+
+from aero_lightning.model.build import save_run_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SENTENCES = [
@@ -39,9 +41,12 @@ def compose_train(run_dir: Path, overrides: tuple[str, ...] = ()):
     return job
 
 
-def write_lightning_run(run_dir: Path, model_dir: Path, seed: int = 0, plain_text: bool = False) -> Path:
-    """A demo run folder: ``config.yaml`` and ``checkpoints/last.ckpt`` (weights under ``state_dict`` with the
-    ``model.`` prefix), from the tiny components in ``model_dir``. Returns the checkpoint path.
+def write_lightning_run(
+    run_dir: Path, model_dir: Path, seed: int = 0, plain_text: bool = False, run_model: bool = True
+) -> Path:
+    """A demo run folder: ``config.yaml``, ``model/`` (``save_run_model``, unless ``run_model`` is False: a run
+    written before runs carried it) and ``checkpoints/last.ckpt`` (weights under ``state_dict`` with the ``model.``
+    prefix), from the tiny components in ``model_dir``. Returns the checkpoint path.
 
     ``plain_text`` zeroes the (tied) embedding rows of the special and whitespace-only tokens, so the random
     model's greedy replies are visible text instead of tokens that decoding removes or strips (texts to compare are
@@ -57,6 +62,8 @@ def write_lightning_run(run_dir: Path, model_dir: Path, seed: int = 0, plain_tex
         blank = [i for i in range(len(tok)) if i in tok.all_special_ids or not tok.decode([i]).strip()]
         with torch.no_grad():
             model.llm.get_input_embeddings().weight[blank] = 0.0
+    if run_model:
+        save_run_model(model, run_dir / "model")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     state = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 0}
