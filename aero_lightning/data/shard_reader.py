@@ -53,6 +53,7 @@ __all__ = [
     "parse_sample",
     "read_sample",
     "resolve_split",
+    "sample_label",
     "shard_sample_counts",
     "split_urls",
 ]
@@ -60,6 +61,17 @@ __all__ = [
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
 """Audio member extensions accepted in shards, in order of preference."""
 _NUMBERED_AUDIO = re.compile(r"^(\d+)\.(?:flac|wav|ogg|mp3)$")
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def sample_label(key: str, shard: str | None) -> str:
+    """How warnings name a shard sample: ``<shard file name>:<key>``, or the key alone when the shard is unknown.
+
+    Args:
+        key: the sample key.
+        shard: the shard's path or url (``__url__`` of :func:`iter_tar`), or None.
+    """
+    return f"{posixpath.basename(str(shard))}:{key}" if shard else key
 
 
 # ------------------------------------------------------------------------------------------ split folders
@@ -224,15 +236,17 @@ def parse_sample(raw: Mapping, rejects: RejectCounter, max_duration_s: float | N
         max_duration_s: skip samples whose JSON ``duration_s`` is longer (seconds), or None.
 
     Returns:
-        ``{"key", "corpus", "task", "messages", "duration_s", "num_samples", "clip_samples", "audio"}``: ``corpus``
+        ``{"key", "corpus", "task", "messages", "duration_s", "num_samples", "clip_samples", "audio", "shard"}``:
+        ``shard`` is the shard's path (``raw["__url__"]``, None without one), ``corpus``
         is ``raw["__corpus__"]`` when set (the training mixture's name) else the JSON's ``corpus``; ``task`` the
         JSON's (``asr`` when absent); ``clip_samples`` each clip's ``round(seconds * 16000)``, ``num_samples``
         their sum; ``audio`` the clips' encoded bytes, in order. None if the sample is skipped.
     """
     key = raw["__key__"]
+    label = sample_label(key, raw.get("__url__"))
     members = audio_members(raw)
     if "json" not in raw:
-        rejects.reject("missing_member", key, f"has {sorted(k for k in raw if not k.startswith('__'))}")
+        rejects.reject("missing_member", label, f"has {sorted(k for k in raw if not k.startswith('__'))}")
         return None
     try:
         meta = json.loads(raw["json"])
@@ -244,24 +258,24 @@ def parse_sample(raw: Mapping, rejects: RejectCounter, max_duration_s: float | N
         else:
             clip_seconds = [duration_s] * parts
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-        rejects.reject("bad_json", key, repr(err))
+        rejects.reject("bad_json", label, repr(err))
         return None
     if parts != len(members) or len(clip_seconds) != parts:
         rejects.reject(
             "missing_member",
-            key,
+            label,
             f"{parts} audio part(s) in the messages, audio members {members}, {len(clip_seconds)} duration(s)",
         )
         return None
     if not messages or not reference_text(messages).strip():
-        rejects.reject("empty_text", key)
+        rejects.reject("empty_text", label)
         return None
     clip_samples = [round(d * SAMPLE_RATE_HZ) for d in clip_seconds]
     if any(n < 1 for n in clip_samples):
-        rejects.reject("empty_audio", key, f"clip durations {clip_seconds} s")
+        rejects.reject("empty_audio", label, f"clip durations {clip_seconds} s")
         return None
     if max_duration_s is not None and duration_s > max_duration_s:
-        rejects.reject("too_long", key, f"{duration_s:.1f} s > max_duration_s={max_duration_s}")
+        rejects.reject("too_long", label, f"{duration_s:.1f} s > max_duration_s={max_duration_s}")
         return None
     corpus = raw["__corpus__"] if "__corpus__" in raw else str(meta.get("corpus", ""))
     return {
@@ -273,6 +287,7 @@ def parse_sample(raw: Mapping, rejects: RejectCounter, max_duration_s: float | N
         "num_samples": sum(clip_samples),
         "clip_samples": clip_samples,
         "audio": [raw[m] for m in members],
+        "shard": raw.get("__url__"),
     }
 
 
@@ -282,9 +297,9 @@ def decode_waveform(
     """Decode the audio of a sample :func:`parse_sample` accepted, and check it.
 
     Args:
-        item: ``{"key", "audio": bytes, "num_samples": int, ...}``.
+        item: ``{"key", "audio": bytes, "num_samples": int, "shard": path or None, ...}``.
         rejects: counter for skipped samples (``corrupt_audio``, ``sample_rate``, ``not_mono``, ``empty_audio``,
-            ``duration_mismatch``).
+            ``duration_mismatch``); each is named ``<shard file>:<key>`` (:func:`sample_label`).
         audio_token_counter: clip samples -> audio tokens of the model; when given, a clip whose decoded length
             fills a different number of audio tokens than its JSON ``duration_s`` (``num_samples``) is skipped,
             because the sample was costed and planned with the JSON's count.
@@ -292,11 +307,13 @@ def decode_waveform(
     Returns:
         ``(T,)`` float32 waveform at 16 kHz, or None if the sample is skipped.
     """
-    key = item["key"]
+    key = sample_label(item["key"], item.get("shard"))
     try:
         waveform, sr = sf.read(io.BytesIO(item["audio"]), dtype="float32", always_2d=True)  # (T, C)
     except Exception as err:  # noqa: BLE001 - libsndfile raises several types for corrupt audio
-        rejects.reject("corrupt_audio", key, str(err))
+        # libsndfile names the in-memory member by its object address, which says nothing to the reader
+        message = _OBJECT_REPR.sub("the audio member", str(err))
+        rejects.reject("corrupt_audio", key, f"{type(err).__name__}: {message}")
         return None
     if sr != SAMPLE_RATE_HZ:
         rejects.reject("sample_rate", key, f"{sr} Hz; shards must hold {SAMPLE_RATE_HZ} Hz (re-prepare)")
@@ -329,7 +346,9 @@ def decode_clips(
     clips = []
     for audio, num_samples in zip(item["audio"], item["clip_samples"]):
         wave = decode_waveform(
-            {"key": item["key"], "audio": audio, "num_samples": num_samples}, rejects, audio_token_counter
+            {"key": item["key"], "audio": audio, "num_samples": num_samples, "shard": item.get("shard")},
+            rejects,
+            audio_token_counter,
         )
         if wave is None:
             return None

@@ -42,7 +42,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from aero_lightning.data.chat import encode_chat
 from aero_lightning.data.packing import PACKING_MODES, make_collate, plan_batches
 from aero_lightning.data.rejects import RejectCounter
-from aero_lightning.data.shard_reader import decode_clips, dist_rank_world, iter_tar, parse_sample
+from aero_lightning.data.shard_reader import (
+    decode_clips,
+    dist_rank_world,
+    iter_tar,
+    parse_sample,
+    sample_label,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -336,15 +342,16 @@ class TrainStream(IterableDataset):
         if item is None:
             return None
         key, messages = item["key"], item["messages"]
+        label = sample_label(key, item["shard"])
         try:
             counts = [self.counter(n) for n in item["clip_samples"]]
             enc = encode_chat(self.tokenizer, messages, counts, self.end_of_turn_token)
         except (ValueError, KeyError, TypeError) as err:
-            rejects.reject("bad_messages", key, str(err))
+            rejects.reject("bad_messages", label, str(err))
             return None
         cost = len(enc.input_ids)
         if cost > self.packing_length:
-            rejects.reject("over_budget", key, f"{cost} tokens > packing_length={self.packing_length}")
+            rejects.reject("over_budget", label, f"{cost} tokens > packing_length={self.packing_length}")
             return None
         return {
             "key": key,
@@ -356,6 +363,7 @@ class TrainStream(IterableDataset):
             "num_samples": item["num_samples"],
             "clip_samples": item["clip_samples"],
             "audio": item["audio"],
+            "shard": item["shard"],
             "cost": cost,
         }
 

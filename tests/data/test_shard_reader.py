@@ -194,6 +194,23 @@ def test_bad_samples_inside_a_pass_are_counted_by_reason(tmp_path):
     assert rejects == {"missing_member": 1, "corrupt_audio": 1, "too_long": 1}
 
 
+def test_skipped_sample_warnings_name_the_shard_and_the_key(tmp_path, caplog):
+    good = asr_sample_json(corpus="c", text="fine", duration_s=0.5, source="t")
+    members = [
+        ("corrupt.json", json.dumps(good).encode()),
+        ("corrupt.flac", b"fLaC" + b"\x00" * 40),
+        ("nojson.flac", _encode(_wave(0.5, 1), "flac")),
+    ]
+    _write_tar(tmp_path / "c-train-000007.tar", members)
+    with caplog.at_level(logging.WARNING, logger="aero_lightning.data.rejects"):
+        assert not list(iter_samples([str(tmp_path / "c-train-000007.tar")], RejectCounter()))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith("skipping c-train-000007.tar:corrupt: corrupt_audio LibsndfileError: ")
+    assert messages[1].startswith("skipping c-train-000007.tar:nojson: missing_member ")
+    assert not [m for m in messages if " at 0x" in m]  # no <_io.BytesIO object at 0x...>
+
+
 # ---------------------------------------------------------------------------------- rank x worker split
 
 
