@@ -187,12 +187,13 @@ def iter_tar(url: str, rejects: RejectCounter) -> Iterator[dict]:
                 base = posixpath.basename(member.name)
                 stem, _, ext = base.partition(".")
                 key = posixpath.join(posixpath.dirname(member.name), stem)
-                data = tar.extractfile(member).read()
                 if current is None or current["__key__"] != key:
+                    # the previous sample is whole once the next one starts: hand it out before reading on, so
+                    # a shard cut inside this member's data does not take that sample with it
                     if current is not None:
                         yield current
                     current = {"__key__": key, "__url__": url}
-                current[ext] = data
+                current[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
         reason = "truncated_tar" if os.path.exists(url) else "unreadable_shard"
         rejects.reject(reason, url, str(err))

@@ -153,6 +153,15 @@ def test_truncated_shard_is_counted_and_keeps_the_samples_before_the_damage(tmp_
     assert dataset.rejects == {"truncated_tar": 2, "missing_samples": 4}  # counts accumulate over passes
 
 
+def test_a_cut_in_the_first_member_of_a_sample_keeps_the_whole_sample_before_it(tmp_path):
+    """The cut falls in a1's first member (its JSON): a0 was read whole and is kept; only a1 and a2 are lost."""
+    urls = _write_split(tmp_path / "val", SHARDS)
+    _cut_inside(Path(urls[0]), "a1.json")
+    dataset = make_dataset(urls, expected_samples=shard_sample_counts(tmp_path / "val"))
+    assert [s["key"] for s in dataset] == ["a0", "b0", "b1", "c0", "c1", "c2"]
+    assert dataset.rejects == {"truncated_tar": 1, "missing_samples": 2}
+
+
 def test_truncated_shard_in_an_eval_source_is_counted(tmp_path):
     urls = _write_split(tmp_path / "bench", SHARDS)
     _cut_inside(Path(urls[2]), "c2.flac")
