@@ -1,7 +1,8 @@
 """Prepare a public corpus into WebDataset shards + ``manifest.json``.
 
-CLI (``key=value`` arguments, any order)::
+CLI (``key=value`` arguments, any order; or ``verify`` and split folders)::
 
+    python -m aero_lightning.data.prepare verify DIR [DIR ...]
     python -m aero_lightning.data.prepare corpus=NAME out=DIR [source=PATH_OR_HF_ID] [split=train]
         [shard_size=1000] [workers=N] [limit=N] [prompt=TEXT] [max_duration_s=SECONDS]
         [hf_split=EXPR] [hf_config=NAME] [revision=REV] [metadata=GLOB]
@@ -37,9 +38,15 @@ Output, in ``out`` (one folder per corpus split)::
 Determinism: inputs are ordered (folder: by utterance key; HF: dataset order, then ``limit`` keeps the first
 ``N``) and cut into consecutive chunks of ``shard_size``; chunk ``i`` becomes shard ``i``, written by one worker
 through a hidden ``.<name>.partial/`` folder and :func:`os.replace`, so shard bytes do not depend on ``workers``.
-A chunk whose inputs are all rejected gets a stats file but no tar. On a re-run, shards whose stats file (and
-tar, if non-empty) exist with identical build parameters are skipped, and the manifest is rebuilt from all
-stats files; a crash therefore loses at most the shards in flight.
+A chunk whose inputs are all rejected gets a stats file but no tar. Each stats file and the manifest record the
+tar's sample count, size and SHA-256. On a re-run, shards whose stats file exists with identical build parameters
+and whose tar still has the recorded size and SHA-256 are skipped; a damaged tar (cut short, changed) is rebuilt;
+the manifest is rebuilt from all stats files. A crash therefore loses at most the shards in flight.
+
+``python -m aero_lightning.data.prepare verify DIR [DIR ...]`` checks prepared splits without rebuilding anything
+(:func:`verify_command`): every shard the manifest lists is present with its size and SHA-256 (older manifests
+without them: read to the end and its samples counted); it prints ok or the damaged shards with their reason and
+exits 1 if any is damaged.
 
 Bad inputs never stop the run; each is skipped and listed in the manifest with one of the reasons in
 :data:`aero_lightning.data.rejects.REJECT_REASONS` (the table every reader of the project shares).
@@ -56,6 +63,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -76,10 +84,14 @@ from aero_lightning.data.shards import (
     ShardWriter,
     asr_sample_json,
     build_manifest,
+    check_shard,
     decode_audio,
     encode_flac,
+    file_sha256,
+    verify_split,
     write_manifest,
 )
+from aero_lightning.errors import UserFileNotFoundError, UserValueError
 from aero_lightning.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -119,7 +131,7 @@ def _select_split(dataset_dict: Mapping[str, Any], spec: CorpusSpec, split: str,
     for name in candidates:
         if name and name in dataset_dict:
             return name
-    raise ValueError(
+    raise UserValueError(
         f"the saved DatasetDict has splits {sorted(dataset_dict)}, none of {[c for c in candidates if c]}; "
         "pass hf_split=NAME"
     )
@@ -165,7 +177,7 @@ def _prepare_hf_columns(dataset: Any, spec: CorpusSpec, columns: Mapping[str, st
     required = ["audio", "text"] + (["question"] if spec.task == "aqa" else [])
     missing = [f"{f}={columns.get(f)!r}" for f in required if columns.get(f) not in available]
     if missing:
-        raise ValueError(
+        raise UserValueError(
             f"dataset columns {available} lack the required {', '.join(missing)}; map them with "
             "audio_column= / text_column= / question_column="
         )
@@ -408,6 +420,8 @@ def _run_job(job: _Job) -> dict[str, Any]:
         "input_stop": job.stop,
         "num_samples": writer.num_samples,
         "duration_s": writer.shards[0]["duration_s"] if writer.shards else 0.0,
+        "size_bytes": writer.shards[0]["size_bytes"] if writer.shards else None,
+        "sha256": writer.shards[0]["sha256"] if writer.shards else None,
         "keys": keys,
         "durations_s": list(writer.durations_s),
         "rejected": rejected,
@@ -421,7 +435,13 @@ def _run_job(job: _Job) -> dict[str, Any]:
 
 
 def _finished_stats(out: Path, prefix: str, index: int, params: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Stats of shard ``index`` if it is complete and was built with ``params``, else ``None``."""
+    """Stats of shard ``index`` if it was built with ``params`` and its tar is sound, else ``None`` (rebuild it).
+
+    A finished tar is checked against its stats file (:func:`~aero_lightning.data.shards.check_shard`): size and
+    SHA-256, or, for stats written before those were recorded, its samples counted to the end of the tar (and the
+    size and hash then added to the stats). A damaged tar (truncated by a copy, a full disk, a crash of the
+    storage) is logged and rebuilt instead of being taken as finished.
+    """
     stem = _shard_stem(prefix, index)
     path = out / f"{stem}{STATS_SUFFIX}"
     if not path.is_file():
@@ -432,8 +452,16 @@ def _finished_stats(out: Path, prefix: str, index: int, params: Mapping[str, Any
         return None
     if stats.get("build_params") != params or stats.get("index") != index:
         return None
-    if stats.get("num_samples", 0) > 0 and not (out / f"{stem}.tar").is_file():
+    if stats.get("num_samples", 0) == 0:
+        return stats
+    tar = out / f"{stem}.tar"
+    damage = check_shard(tar, int(stats["num_samples"]), stats.get("size_bytes"), stats.get("sha256"))
+    if damage is not None:
+        log.warning("%s is damaged (%s); rebuilding it", tar.name, damage)
         return None
+    if stats.get("sha256") is None:
+        stats.update(size_bytes=tar.stat().st_size, sha256=file_sha256(tar))
+        _write_json_atomic(path, stats)
     return stats
 
 
@@ -540,23 +568,23 @@ def prepare_corpus(
     """
     spec = get_corpus(corpus)
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise UserValueError(f"shard_size must be >= 1, got {shard_size}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise UserValueError(f"limit must be >= 0, got {limit}")
     if max_duration_s is not None and not max_duration_s > 0:
-        raise ValueError(f"max_duration_s must be > 0, got {max_duration_s}")
+        raise UserValueError(f"max_duration_s must be > 0, got {max_duration_s}")
     workers = _default_workers() if workers is None else int(workers)
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise UserValueError(f"workers must be >= 0, got {workers}")
     unknown = sorted(set(columns or {}) - set(COLUMN_FIELDS))
     if unknown:
-        raise ValueError(f"unknown column fields {unknown}; allowed: {COLUMN_FIELDS}")
+        raise UserValueError(f"unknown column fields {unknown}; allowed: {COLUMN_FIELDS}")
     if prompt is not None and spec.task == "aqa" and "{question}" not in prompt:
-        raise ValueError("an aqa prompt must contain '{question}'")
+        raise UserValueError("an aqa prompt must contain '{question}'")
     if prompt is not None and not prompt.strip() and spec.task != "instruct":
-        raise ValueError("only instruct corpora accept an empty prompt")
+        raise UserValueError("only instruct corpora accept an empty prompt")
     if not split or KEY_UNSAFE.search(split):
-        raise ValueError(f"split must match [A-Za-z0-9_-]+, got {split!r}")
+        raise UserValueError(f"split must match [A-Za-z0-9_-]+, got {split!r}")
     start_time = time.perf_counter()
     out = Path(out_dir)
     prefix = f"{spec.name}-{split}"
@@ -564,7 +592,7 @@ def prepare_corpus(
     # ---- inputs
     if source is None:
         if not spec.hf_id:
-            raise ValueError(
+            raise UserValueError(
                 f"corpus {spec.name!r} has no HF id; pass source= a folder in its {spec.folder_layout!r} layout"
             )
         source = spec.hf_id
@@ -575,7 +603,7 @@ def prepare_corpus(
     label_names = None
     col_map = {**spec.columns, **(columns or {})}
     if metadata is not None and spec.folder_table is None:
-        raise ValueError(f"metadata= applies to table folder layouts; corpus {spec.name!r} has none")
+        raise UserValueError(f"metadata= applies to table folder layouts; corpus {spec.name!r} has none")
     if source_path.is_dir() and not _is_saved_dataset(source_path):
         if spec.folder_table is not None and (columns or metadata is not None):
             spec = dataclasses.replace(
@@ -596,7 +624,7 @@ def prepare_corpus(
             source_params["table"] = dataclasses.asdict(spec.folder_table)
     else:
         if source_str.startswith(("/", ".", "~")) and not source_path.exists():
-            raise FileNotFoundError(f"source folder {source_path} does not exist")
+            raise UserFileNotFoundError(f"source folder {source_path} does not exist")
         loaded, source_label, source_params = _load_hf_dataset(
             spec, source_str, split, hf_split, hf_config, revision
         )
@@ -701,7 +729,13 @@ def prepare_corpus(
         corpus=spec.name,
         split=split,
         shards=[
-            {"name": s["shard"], "num_samples": s["num_samples"], "duration_s": s["duration_s"]}
+            {
+                "name": s["shard"],
+                "num_samples": s["num_samples"],
+                "duration_s": s["duration_s"],
+                "size_bytes": s.get("size_bytes"),
+                "sha256": s.get("sha256"),
+            }
             for s in ordered
             if s["num_samples"] > 0
         ],
@@ -724,6 +758,7 @@ def prepare_corpus(
 
 USAGE = """\
 usage: python -m aero_lightning.data.prepare corpus=NAME out=DIR [key=value ...]
+       python -m aero_lightning.data.prepare verify DIR [DIR ...]   check prepared splits (exit 1 if damaged)
 
   corpus=NAME            registry name (aero_lightning.data.corpora), required
   out=DIR                output folder of this split, required
@@ -809,19 +844,101 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     return kwargs
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Command-line entry point; see :data:`USAGE`.
+VERIFY_USAGE = """\
+usage: python -m aero_lightning.data.prepare verify DIR [DIR ...]
 
-    Args:
-        argv: ``key=value`` arguments; ``sys.argv[1:]`` when ``None``.
+  DIR   a prepared split folder (with manifest.json), or a folder whose subfolders are splits
+        (e.g. data_cache/librispeech for all its splits)
 
-    Returns:
-        The written manifest.
+Checks every shard the manifest lists: present, its size and SHA-256 as recorded (manifests without them: read to
+the end and its samples counted). Prints one line per split, and one per damaged shard with the reason.
+Exit status: 0 all sound, 1 a shard is damaged (re-run the same prepare command: it rebuilds damaged shards),
+2 a folder is not a prepared split.
+"""
+
+
+def _split_folders(folder: Path) -> list[Path]:
+    """``folder`` if it holds a manifest, else its subfolders that do, sorted.
 
     Raises:
-        SystemExit: with the usage text on ``-h``/``--help`` (status 0) or on bad arguments (status 2).
+        FileNotFoundError: if neither (:func:`~aero_lightning.data.shards.read_manifest`'s message).
     """
-    return run_key_value_cli(argv, USAGE, parse_args, prepare_corpus)
+    if (folder / MANIFEST_NAME).is_file():
+        return [folder]
+    found = sorted(p for p in folder.iterdir() if (p / MANIFEST_NAME).is_file()) if folder.is_dir() else []
+    if not found:
+        verify_split(folder)  # raises, with the message that says what a split folder is
+    return found
+
+
+def verify_command(folders: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """``prepare verify``: check splits (:func:`~aero_lightning.data.shards.verify_split`) and print a report.
+
+    Args:
+        folders: split folders, or folders whose subfolders are splits.
+
+    Returns:
+        One :func:`~aero_lightning.data.shards.verify_split` result per split.
+
+    Raises:
+        SystemExit: status 1 if a shard is damaged.
+        FileNotFoundError: if a folder holds no split (a :class:`~aero_lightning.errors.UserError`).
+    """
+    results = []
+    for folder in folders:
+        for split in _split_folders(Path(folder)):
+            result = verify_split(split)
+            results.append(result)
+            checked = f"{result['hashed']} of {result['num_shards']} by sha256"
+            if result["ok"]:
+                print(
+                    f"{split}: ok, {result['num_shards']} shards, {result['num_samples']} samples, "
+                    f"{result['hours']:.2f} h ({checked})"
+                )
+                continue
+            print(f"{split}: DAMAGED, {len(result['damaged'])} of {result['num_shards']} shards ({checked})")
+            for shard in result["damaged"]:
+                print(f"  {shard['name']}: {shard['reason']}")
+    damaged = [r for r in results if not r["ok"]]
+    if len(results) > 1:
+        print(f"{len(results)} splits: {len(results) - len(damaged)} ok, {len(damaged)} damaged")
+    if damaged:
+        print("re-run the prepare command that built a damaged split: it rebuilds the damaged shards only")
+        raise SystemExit(1)
+    return results
+
+
+def _parse_verify(argv: Sequence[str]) -> dict[str, Any]:
+    """``verify``'s arguments: one or more folders.
+
+    Raises:
+        ValueError: without a folder, or for a ``key=value`` argument.
+    """
+    if not argv:
+        raise ValueError("verify needs at least one split folder")
+    bad = [a for a in argv if "=" in a]
+    if bad:
+        raise ValueError(f"verify takes folders, not key=value arguments: {bad}")
+    return {"folders": list(argv)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    """Command-line entry point; see :data:`USAGE` and :data:`VERIFY_USAGE`.
+
+    Args:
+        argv: ``key=value`` arguments, or ``verify`` and folders; ``sys.argv[1:]`` when ``None``.
+
+    Returns:
+        The written manifest, or ``verify``'s results.
+
+    Raises:
+        SystemExit: with the usage text on ``-h``/``--help`` (status 0), on bad arguments or a user error such as a
+            missing source folder (status 2), or, for ``verify``, on a damaged shard (status 1).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["verify"]:
+        return run_key_value_cli(args[1:], VERIFY_USAGE, _parse_verify, verify_command)
+    return run_key_value_cli(args, USAGE, parse_args, prepare_corpus)
 
 
 if __name__ == "__main__":

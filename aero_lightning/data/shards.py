@@ -11,12 +11,15 @@ and ``<key>.json`` (UTF-8 JSON with sorted keys, see :func:`asr_sample_json`). A
 
 Shards are byte-for-byte deterministic: tar headers carry ``mtime=0``, ``uid=gid=0``, empty user/group names
 and mode ``0o644``, and members are written in insertion order. Each shard is first written to
-``<name>.tmp`` and moved into place with :func:`os.replace`, so a crash never leaves a truncated ``.tar``.
+``<name>.tmp`` and moved into place with :func:`os.replace`, so a crash never leaves a truncated ``.tar``; its size
+and SHA-256 are recorded (:attr:`ShardWriter.shards`), so later damage (a cut copy, a disk error) can be found.
 
 Manifest schema (``manifest.json``, written with sorted keys):
 
 - ``corpus`` (str), ``split`` (str), ``sample_rate`` (int, Hz; always 16000)
-- ``shards``: list of ``{"name": str, "num_samples": int, "duration_s": float}`` in shard order
+- ``shards``: list of ``{"name": str, "num_samples": int, "duration_s": float, "size_bytes": int, "sha256": str}``
+  in shard order (``size_bytes`` and ``sha256``, hex, of the finished tar file; absent in manifests written before
+  they were recorded); :func:`verify_split` checks a split against them
 - ``num_samples`` (int), ``duration_s`` (float, total seconds), ``hours`` (float)
 - ``duration_histogram``: ``{"edges_s": [0, 1, 2, 5, ..., 900, null], "counts": [...]}``; bin ``i`` counts
   samples with ``edges_s[i] <= duration_s < edges_s[i + 1]``; the last edge is ``null`` meaning +infinity
@@ -29,11 +32,13 @@ Manifest schema (``manifest.json``, written with sorted keys):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import math
 import os
+import posixpath
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,6 +49,7 @@ import numpy as np
 import soundfile as sf
 
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT, asr_messages
+from aero_lightning.errors import UserFileNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +171,8 @@ class ShardWriter:
 
     Use as a context manager; on a clean exit the last shard is finalised, on an exception the unfinished
     shard's ``.tmp`` file is removed (already finished shards stay). Shard bookkeeping is available from
-    :attr:`shards` (per-shard sample counts and audio seconds) and :attr:`durations_s` (per sample).
+    :attr:`shards` (per shard: name, sample count, audio seconds, size in bytes and SHA-256 of the file) and
+    :attr:`durations_s` (per sample).
 
     Args:
         folder: output folder; created if missing.
@@ -279,6 +286,8 @@ class ShardWriter:
         name = self._current["name"]
         os.replace(self.folder / f"{name}.tmp", self.folder / name)
         self._current["duration_s"] = round(self._current["duration_s"], 6)
+        self._current["size_bytes"] = (self.folder / name).stat().st_size
+        self._current["sha256"] = file_sha256(self.folder / name)  # read back: the bytes on disk
         self.shards.append(self._current)
         self._tar = self._file = self._current = None
 
@@ -333,7 +342,8 @@ def build_manifest(
     Args:
         corpus: corpus name.
         split: split name (``train``, ``validation``, ``test``, ...).
-        shards: per-shard ``{"name", "num_samples", "duration_s"}`` (e.g. :attr:`ShardWriter.shards`).
+        shards: per-shard ``{"name", "num_samples", "duration_s"}`` and, when known, ``"size_bytes"`` and
+            ``"sha256"`` (e.g. :attr:`ShardWriter.shards`).
         durations_s: per-sample durations in seconds (e.g. :attr:`ShardWriter.durations_s`).
         rejected: ``{"key", "reason"[, "detail"]}`` of every input that was skipped.
         sample_rate: sample rate of the stored audio in Hz.
@@ -359,6 +369,7 @@ def build_manifest(
         "sample_rate": int(sample_rate),
         "shards": [
             {"name": s["name"], "num_samples": int(s["num_samples"]), "duration_s": float(s["duration_s"])}
+            | {k: s[k] for k in ("size_bytes", "sha256") if s.get(k) is not None}
             for s in shards
         ],
         "num_samples": num_samples,
@@ -403,11 +414,12 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         The manifest dict.
 
     Raises:
-        FileNotFoundError: if the manifest is missing (the message says how to build the corpus).
+        FileNotFoundError: if the manifest is missing (the message says how to build the corpus); a
+            :class:`~aero_lightning.errors.UserError`.
     """
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"No {MANIFEST_NAME} in {Path(folder).resolve()} (expected {path.resolve()}). This folder is not a "
             "prepared corpus split. Build the offline demo corpus with "
             "`python -m aero_lightning.data.synth --out DIR` (DIR/train, DIR/validation, DIR/test), or point "
@@ -429,3 +441,106 @@ def shard_urls(folder: str | os.PathLike, manifest: Mapping[str, Any] | None = N
     folder = Path(folder)
     manifest = read_manifest(folder) if manifest is None else manifest
     return [str((folder / s["name"]).resolve()) for s in manifest["shards"]]
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def count_tar_samples(path: str | os.PathLike) -> int:
+    """Samples in a shard: its ``<key>.json`` members, every member's data read to the end.
+
+    Raises:
+        tarfile.TarError, OSError, EOFError: if the tar cannot be opened or ends inside a member (truncated).
+    """
+    count = 0
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            data = tar.extractfile(member).read()  # a member cut short raises here
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"member {member.name} holds {len(data)} of {member.size} bytes")
+            if posixpath.basename(member.name).partition(".")[2] == "json":
+                count += 1
+    return count
+
+
+def check_shard(
+    path: str | os.PathLike,
+    num_samples: int,
+    size_bytes: int | None = None,
+    sha256: str | None = None,
+) -> str | None:
+    """Why a finished shard does not match what its manifest (or stats file) recorded, or None if it does.
+
+    Checks, cheapest first: the file exists; its size; its SHA-256 (a match proves the bytes, and so the sample
+    count, are the ones written); without a recorded hash, the tar is read to its end and its samples counted.
+
+    Args:
+        path: the shard file.
+        num_samples: samples recorded for it.
+        size_bytes: recorded size in bytes, or None (manifests written before sizes were recorded).
+        sha256: recorded hex SHA-256, or None.
+
+    Returns:
+        None for a sound shard, else a one-line reason: ``missing``, ``size: ...``, ``sha256: ...``,
+        ``truncated: ...`` or ``sample count: ...``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "missing: the shard file does not exist"
+    size = path.stat().st_size
+    if size_bytes is not None and size != size_bytes:
+        return f"size: {size} bytes, {size_bytes} recorded"
+    if sha256 is not None:
+        actual = file_sha256(path)
+        return None if actual == sha256 else f"sha256: {actual[:12]}..., {sha256[:12]}... recorded"
+    try:
+        found = count_tar_samples(path)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        return f"truncated: {type(err).__name__}: {err}"
+    if found != num_samples:
+        return f"sample count: {found} samples, {num_samples} recorded"
+    return None
+
+
+def verify_split(folder: str | os.PathLike) -> dict[str, Any]:
+    """Check every shard a split's manifest lists (:func:`check_shard`).
+
+    Args:
+        folder: a prepared split folder (``manifest.json`` + shards).
+
+    Returns:
+        ``{"folder", "ok", "num_shards", "num_samples", "hours", "hashed": shards checked by SHA-256,
+        "damaged": [{"name", "reason"}, ...]}``; ``ok`` is True when nothing is damaged.
+
+    Raises:
+        FileNotFoundError: if the folder has no manifest (a :class:`~aero_lightning.errors.UserError`).
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    damaged = []
+    for entry in manifest["shards"]:
+        reason = check_shard(
+            folder / entry["name"], int(entry["num_samples"]), entry.get("size_bytes"), entry.get("sha256")
+        )
+        if reason is not None:
+            damaged.append({"name": entry["name"], "reason": reason})
+    return {
+        "folder": str(folder),
+        "ok": not damaged,
+        "num_shards": len(manifest["shards"]),
+        "num_samples": int(manifest.get("num_samples", 0)),
+        "hours": float(manifest.get("hours", 0.0)),
+        "hashed": sum(1 for e in manifest["shards"] if e.get("sha256")),
+        "damaged": damaged,
+    }

@@ -26,7 +26,7 @@ from aero_lightning.data.corpora import (
     get_corpus,
 )
 from aero_lightning.data.rejects import REJECT_REASONS
-from aero_lightning.data.shards import read_manifest
+from aero_lightning.data.shards import file_sha256, read_manifest, verify_split
 from aero_lightning.data.synth import VoiceSpec, find_espeak, synthesize
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
@@ -834,3 +834,106 @@ def test_table_layout_errors_and_registry_coverage(tmp_path):
                 readers.describe_table(spec.folder_table, split)
     assert sorted(readers.UNSUPPORTED_LAYOUTS) == ["instructs2s", "tedlium"]
     assert "missing_audio" in REJECT_REASONS and "unlabelled" in REJECT_REASONS
+
+
+@needs_espeak
+def test_a_damaged_finished_shard_is_rebuilt_and_verify_reports_it(librispeech_dir, tmp_path, caplog, capsys):
+    root, _ = librispeech_dir
+    out = tmp_path / "out"
+    args = [
+        f"source={root}",
+        "corpus=librispeech",
+        f"out={out}",
+        "workers=1",
+        "shard_size=2",
+        "progress=false",
+    ]
+    manifest = prepare.main(args)
+    names = [s["name"] for s in manifest["shards"]]
+    for shard in manifest["shards"]:  # recorded from the bytes on disk, in the manifest and the stats files
+        assert shard["sha256"] == file_sha256(out / shard["name"])
+        assert shard["size_bytes"] == (out / shard["name"]).stat().st_size
+        stats = json.loads((out / shard["name"].replace(".tar", ".stats.json")).read_text())
+        assert (stats["sha256"], stats["size_bytes"]) == (shard["sha256"], shard["size_bytes"])
+    good = (out / names[1]).read_bytes()
+    manifest_bytes = (out / "manifest.json").read_bytes()
+
+    results = prepare.main(["verify", str(out)])
+    assert [r["ok"] for r in results] == [True]
+    assert (
+        capsys.readouterr().out
+        == f"{out}: ok, 4 shards, 6 samples, {manifest['hours']:.2f} h (4 of 4 by sha256)\n"
+    )
+
+    (out / names[1]).write_bytes(good[: len(good) // 2])  # a cut copy of a finished shard
+    with pytest.raises(SystemExit) as info:
+        prepare.main(["verify", str(out)])
+    assert info.value.code == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{out}: DAMAGED, 1 of 4 shards (4 of 4 by sha256)",
+        f"  {names[1]}: size: {len(good) // 2} bytes, {len(good)} recorded",
+        "re-run the prepare command that built a damaged split: it rebuilds the damaged shards only",
+    ]
+
+    caplog.set_level(logging.INFO, logger="aero_lightning.data.prepare")
+    assert prepare.main(args) == manifest
+    assert (
+        f"{names[1]} is damaged (size: {len(good) // 2} bytes, {len(good)} recorded); rebuilding it"
+        in caplog.text
+    )
+    assert "4 already finished (skipped), 1 to build" in caplog.text
+    assert (out / names[1]).read_bytes() == good
+    assert (out / "manifest.json").read_bytes() == manifest_bytes
+
+    # same bytes, another hash: a changed shard is damaged too
+    (out / names[2]).write_bytes(b"\0" * (out / names[2]).stat().st_size)
+    with pytest.raises(SystemExit):
+        prepare.main(["verify", str(out.parent)])  # the parent: every split folder below it
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{out}: DAMAGED, 1 of 4 shards (4 of 4 by sha256)"
+    assert lines[1].startswith(f"  {names[2]}: sha256: ") and lines[1].endswith("... recorded")
+
+
+@needs_espeak
+def test_shards_prepared_before_hashes_were_recorded_are_counted_then_hashed(
+    librispeech_dir, tmp_path, caplog
+):
+    root, _ = librispeech_dir
+    out = tmp_path / "out"
+    common = dict(source=root, workers=1, shard_size=2, progress=False)
+    manifest = prepare.prepare_corpus("librispeech", out, **common)
+    names = [s["name"] for s in manifest["shards"]]
+    good = (out / names[0]).read_bytes()
+    for stats_file in out.glob("*.stats.json"):  # as an earlier version wrote them
+        stats = json.loads(stats_file.read_text())
+        stats.pop("sha256"), stats.pop("size_bytes")
+        stats_file.write_text(json.dumps(stats))
+    old = json.loads((out / "manifest.json").read_text())
+    for shard in old["shards"]:
+        shard.pop("sha256"), shard.pop("size_bytes")
+    (out / "manifest.json").write_text(json.dumps(old))
+    (out / names[0]).write_bytes(good[: len(good) // 2])  # cut inside a member
+
+    result = verify_split(out)
+    assert result["hashed"] == 0 and [d["name"] for d in result["damaged"]] == [names[0]]
+    assert result["damaged"][0]["reason"].startswith("truncated: ")
+    caplog.set_level(logging.INFO, logger="aero_lightning.data.prepare")
+    assert prepare.prepare_corpus("librispeech", out, **common) == manifest  # hashes recorded again
+    assert "4 already finished (skipped), 1 to build" in caplog.text  # the 5th chunk: all rejected, no tar
+    assert (out / names[0]).read_bytes() == good
+    assert verify_split(out)["hashed"] == 4
+
+
+def test_check_shard_counts_samples_without_a_hash(tmp_path):
+    from aero_lightning.data.shards import ShardWriter, asr_sample_json, check_shard, encode_flac
+
+    with ShardWriter(tmp_path, "c-test", 10) as writer:
+        for i in range(3):
+            record = asr_sample_json(corpus="c", text=f"t{i}", duration_s=0.1, source="s")
+            writer.write(f"k{i}", encode_flac(np.zeros(1600, dtype=np.float32)), record)
+    shard = tmp_path / "c-test-000000.tar"
+    (entry,) = writer.shards
+    assert check_shard(shard, 3, entry["size_bytes"], entry["sha256"]) is None
+    assert check_shard(shard, 3) is None
+    assert check_shard(shard, 4) == "sample count: 3 samples, 4 recorded"
+    assert check_shard(tmp_path / "gone.tar", 3) == "missing: the shard file does not exist"
