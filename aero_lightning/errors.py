@@ -73,9 +73,10 @@ def _missing_key_message(err: Exception) -> str:
 
 
 def exit_on_user_error(func: F) -> F:
-    """Wrap an entry point so that a :class:`UserError` (or a required ``???`` option left out) exits with status 2.
+    """Wrap an entry point so that a :class:`UserError`, a ``FileNotFoundError`` (a path the user or the config
+    named) or a required ``???`` option left out exits with status 2.
 
-    The wrapped function runs unchanged; on a :class:`UserError` the message is printed by
+    The wrapped function runs unchanged; on one of those errors the message is printed by
     :func:`report_user_error` and ``SystemExit(2)`` is raised. Hydra's ``@hydra.main`` reports any
     ``Exception`` with a traceback, but lets ``SystemExit`` through, so this goes *inside* ``@hydra.main``.
 
@@ -88,7 +89,8 @@ def exit_on_user_error(func: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except UserError as err:
+        # a missing file is the user's to fix, wherever the entry point finds it missing
+        except (UserError, FileNotFoundError) as err:
             report_user_error(err)
         except MissingMandatoryValue as err:
             sys.stderr.write(f"error: {_missing_key_message(err)}\n")

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
+from aero_lightning.errors import UnknownNameError
 
 TASKS: tuple[str, ...] = ("asr", "caption", "aqa", "classify", "instruct")
 """Allowed values of :attr:`CorpusSpec.task`."""
@@ -924,12 +925,15 @@ def get_corpus(name: str) -> CorpusSpec:
         The :class:`CorpusSpec`.
 
     Raises:
-        KeyError: if ``name`` is not registered; the message lists the known names.
+        KeyError: if ``name`` is not registered; the message lists the known names (an
+            :class:`~aero_lightning.errors.UnknownNameError`).
     """
     try:
         return CORPORA[name]
     except KeyError:
-        raise KeyError(f"unknown corpus {name!r}; known corpora: {', '.join(sorted(CORPORA))}") from None
+        raise UnknownNameError(
+            f"unknown corpus {name!r}; known corpora: {', '.join(sorted(CORPORA))}"
+        ) from None
 
 
 def _format_hours(spec: CorpusSpec) -> str:

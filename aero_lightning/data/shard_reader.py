@@ -39,6 +39,7 @@ from aero_lightning.data.chat import reference_text
 from aero_lightning.data.features import SAMPLE_RATE_HZ
 from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.data.shards import read_manifest, shard_urls
+from aero_lightning.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -89,21 +90,25 @@ def resolve_split(folder: str | os.PathLike) -> list[str]:
     Raises:
         FileNotFoundError: if the folder or its ``manifest.json`` does not exist.
         ValueError: if the manifest lists no shards or a listed shard file is missing.
+        Both are :class:`~aero_lightning.errors.UserError`.
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"data folder {folder.resolve()} does not exist; build the demo corpus with "
             "`python -m aero_lightning.data.synth --out DIR` or point data.*_dir at a prepared split"
         )
     manifest = read_manifest(folder)
     urls = shard_urls(folder, manifest)
     if not urls:
-        raise ValueError(f"{folder.resolve()}/manifest.json lists no shards: the split is empty, rebuild it")
+        raise UserValueError(
+            f"{folder.resolve()}/manifest.json lists no shards: the split is empty, rebuild it"
+        )
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
-        raise ValueError(
-            f"{len(missing)} shard(s) listed in {folder}/manifest.json are missing, e.g. {missing[0]}"
+        raise UserValueError(
+            f"{len(missing)} shard(s) listed in {folder}/manifest.json are missing, e.g. {missing[0]}; run "
+            f"`python -m aero_lightning.data.prepare verify {folder}` and rebuild the split"
         )
     return urls
 

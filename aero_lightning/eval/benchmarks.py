@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
+from aero_lightning.errors import UnknownNameError
 
 __all__ = ["BENCHMARKS", "CHOICE_INSTRUCTION", "SUITES", "BenchmarkSpec", "get_benchmark"]
 
@@ -199,9 +200,12 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     """The registry entry ``name``.
 
     Raises:
-        KeyError: for an unknown name (the message lists the known ones).
+        KeyError: for an unknown name (the message lists the known ones; an
+            :class:`~aero_lightning.errors.UnknownNameError`).
     """
     try:
         return BENCHMARKS[name]
     except KeyError:
-        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}") from None
+        raise UnknownNameError(
+            f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}"
+        ) from None

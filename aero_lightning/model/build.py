@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +48,7 @@ from transformers import (
 )
 
 from aero_lightning.data.chat import AUDIO_SPECIAL_TOKENS
-from aero_lightning.errors import UserFileNotFoundError
+from aero_lightning.errors import UserFileNotFoundError, UserValueError
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
 from aero_lightning.model.projector import PROJECTORS, Projector, projector_spec
@@ -327,11 +328,19 @@ def lightning_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], int | 
     the checkpoint's ``global_step`` (None when absent).
 
     Raises:
-        ValueError: if the file has no ``state_dict`` or no weight under :data:`MODEL_PREFIX`.
+        ValueError: if the file cannot be read by ``torch.load`` (not a checkpoint, or cut short), has no
+            ``state_dict`` or no weight under :data:`MODEL_PREFIX`; the first two are
+            :class:`~aero_lightning.errors.UserError`.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" not in state:
-        raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:
+        raise UserValueError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); give a Lightning .ckpt, a run "
+            "folder or a save_pretrained folder"
+        ) from err
+    if not isinstance(state, Mapping) or "state_dict" not in state:
+        raise UserValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
     return _model_prefixed(state["state_dict"], path), state.get("global_step")
 
 
@@ -732,7 +741,7 @@ def find_run_model(ckpt: Path, config: str | os.PathLike | None = None) -> Path 
 def _model_from_config(config_file: Path, attn_implementation: str | None) -> AeroModel:
     cfg = OmegaConf.load(config_file)
     if "model" not in cfg:
-        raise ValueError(f"{config_file} has no 'model' section; it is not a training run's config.yaml")
+        raise UserValueError(f"{config_file} has no 'model' section; it is not a training run's config.yaml")
     model_cfg = cfg.model
     # inference: no Liger kernels, no activation checkpointing; every weight comes from the checkpoint, so the
     # run's init_from source need not exist any more
