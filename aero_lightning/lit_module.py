@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from aero_lightning.data.features import SAMPLE_RATE_HZ
+from aero_lightning.data.packing import target_documents
 from aero_lightning.distributed import gather_objects, parameters_are_sharded
 from aero_lightning.metrics.wer import corpus_wer
 from aero_lightning.model.aero import AeroModel, AeroOutput
@@ -201,7 +202,30 @@ class AeroLitModule(L.LightningModule):
             self.log("train/target_tokens", out.num_target_tokens.float(), batch_size=bs, reduce_fx="sum")
             if out.ctc_loss_sum is not None:
                 self.log("train/ctc_loss", out.ctc_loss, prog_bar=True, batch_size=bs)
+            self._log_breakdown(out, batch)
         return self.training_loss(out, batch)
+
+    def _log_breakdown(self, out: AeroOutput, batch: dict) -> None:
+        """LM loss and target tokens per task and per corpus of this micro-batch (``train/task/<task>/loss``,
+        ``.../target_tokens``, ``train/corpus/<corpus>/...``); logging only, the objective stays the global mean."""
+        if out.target_losses is None or "tasks" not in batch:
+            return
+        docs = target_documents(batch).to(out.target_losses.device)  # (N_t,)
+        n_docs = len(batch["keys"])
+        sums = torch.zeros(n_docs, device=docs.device).index_add_(0, docs, out.target_losses.float())
+        counts = torch.bincount(docs, minlength=n_docs)
+        for kind, names in (("task", batch["tasks"]), ("corpus", batch.get("corpora") or [])):
+            for name in sorted(set(names)):
+                pick = torch.tensor([n == name for n in names], device=docs.device)
+                count = counts[pick].sum()
+                if int(count):
+                    self.log(f"train/{kind}/{name}/loss", sums[pick].sum() / count, batch_size=n_docs)
+                    self.log(
+                        f"train/{kind}/{name}/target_tokens",
+                        count.float(),
+                        batch_size=n_docs,
+                        reduce_fx="sum",
+                    )
 
     def training_loss(self, out: AeroOutput, batch: dict) -> torch.Tensor:
         """Assemble the objective: ``LM sum / LM targets + ctc_weight * CTC sum / CTC targets``.

@@ -306,6 +306,17 @@ def batch_documents(
     return [(input_ids[0, a:b], labels[0, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def target_documents(batch: dict) -> torch.Tensor:
+    """The document of every LM target of a batch: ``(N_t,)`` int64 indices into the batch's documents, in the
+    row-major order of ``labels[:, 1:] != -100`` (the targets the loss sums over)."""
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, L-1)
+    cu = batch.get("cu_seqlens")
+    if cu is None:  # padded: one document per row
+        return mask.nonzero()[:, 0]
+    positions = mask[0].nonzero()[:, 0] + 1  # the label's own position in the packed row
+    return torch.searchsorted(cu[1:].to(positions.device, torch.long), positions, right=True)
+
+
 def make_collate(mode: str, counter, pad_id: int) -> Callable[[Sequence[dict]], dict[str, Any]]:
     """The collate function of a packing mode (``padded`` right-pads, ``packed`` concatenates).
 

@@ -41,6 +41,8 @@ class AeroOutput:
         ctc_loss_sum: summed CTC negative log-likelihood over documents (:func:`~aero_lightning.model.ctc.ctc_loss_sum`),
             when the model's ``ctc_weight > 0`` and a trainable weight gets its gradient, or in ``ctc_only`` mode.
         ctc_target_tokens: CTC target tokens (long scalar).
+        target_losses: ``(N_t,)`` detached LM loss of each target position (``labels[:, 1:] != -100``, row-major),
+            for per-task and per-corpus logging; None when not computed (full logits, Liger's fused loss).
     """
 
     logits: torch.Tensor | None = None
@@ -48,6 +50,7 @@ class AeroOutput:
     num_target_tokens: torch.Tensor | None = None
     ctc_loss_sum: torch.Tensor | None = None
     ctc_target_tokens: torch.Tensor | None = None
+    target_losses: torch.Tensor | None = None
 
     @property
     def loss(self) -> torch.Tensor | None:
@@ -265,13 +268,17 @@ class AeroModel(nn.Module):
             }
             if labels is not None and not return_logits:
                 hidden = self.llm.base_model(**kwargs).last_hidden_state  # (B, L, D)
+                per_target: list = []
                 out.loss_sum, out.num_target_tokens = linear_cross_entropy_sum(
                     hidden[:, :-1],  # (B, L-1, D) predicts labels[:, 1:]
                     self.llm.get_output_embeddings(),  # the module: ZeRO-3 gathers its weight in its hooks
                     labels[:, 1:],
                     chunk_tokens=self.loss_chunk_tokens,
                     use_liger=self.liger["fused_linear_cross_entropy"],
+                    token_losses=per_target,
                 )
+                if per_target:
+                    out.target_losses = torch.cat(per_target)  # (N_t,)
             else:
                 out.logits = self.llm(**kwargs).logits  # (B, L, V)
                 if labels is None:

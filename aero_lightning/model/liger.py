@@ -94,7 +94,7 @@ def _project(head: nn.Module | torch.Tensor, hidden: torch.Tensor) -> torch.Tens
 
 def _chunk_loss(hidden: torch.Tensor, head: nn.Module | torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = _project(head, hidden).float()  # (chunk, V)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="none")  # (chunk,)
 
 
 def _fused_allowed(weight: torch.Tensor) -> bool:
@@ -118,6 +118,7 @@ def linear_cross_entropy_sum(
     labels: torch.Tensor,
     chunk_tokens: int = 4096,
     use_liger: bool = False,
+    token_losses: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the LM head's logits at the target positions, without full logits.
 
@@ -136,6 +137,9 @@ def linear_cross_entropy_sum(
             weight is partitioned (ZeRO-3 ``ds_id``, FSDP2 ``DTensor``) the chunked path is used instead, with a
             warning once per process: the fused kernel reads the raw weight and computes its gradient inside its
             forward, outside the hooks through which ZeRO-3 gathers the weight and reduces its gradient.
+        token_losses: when a list is given, the ``(N_t,)`` detached loss of every target position, in the order of
+            ``labels``, is appended to it (for per-task logging; not with Liger's fused kernel, which gives only the
+            sum).
 
     Returns:
         ``(loss_sum, num_targets)``: a float32 scalar summed over target positions and their count.
@@ -164,11 +168,12 @@ def linear_cross_entropy_sum(
     for start in range(0, rows.shape[0], chunk_tokens):
         end = start + chunk_tokens
         if needs_grad:
-            total = total + checkpoint(
-                _chunk_loss, rows[start:end], head, targets[start:end], use_reentrant=False
-            )
+            losses = checkpoint(_chunk_loss, rows[start:end], head, targets[start:end], use_reentrant=False)
         else:
-            total = total + _chunk_loss(rows[start:end], head, targets[start:end])
+            losses = _chunk_loss(rows[start:end], head, targets[start:end])
+        total = total + losses.sum()
+        if token_losses is not None:
+            token_losses.append(losses.detach())
     return total, count
 
 

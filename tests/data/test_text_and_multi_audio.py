@@ -125,3 +125,41 @@ def test_text_only_documents_pack_with_audio_documents_and_keep_their_loss(token
         handle.remove()
     assert calls == [] and torch.isfinite(out.loss_sum)
     torch.testing.assert_close(out.loss_sum, alone[1].loss_sum, rtol=1e-5, atol=1e-5)
+
+
+def test_training_loss_is_logged_per_task_and_per_corpus(tokenizer, model):
+    """The breakdown equals each task's documents run alone (sum of their token losses / their targets)."""
+    from aero_lightning.lit_module import AeroLitModule
+
+    counter = model.audio_token_counter()
+    docs = [
+        _encode(tokenizer, counter, asr_messages("the cat sat"), [_wave(0.9, 3)], "a1")
+        | {"task": "asr", "corpus": "x"},
+        _encode(tokenizer, counter, _text_messages("say hi", "hi there"), [], "t")
+        | {"task": "text", "corpus": "y"},
+        _encode(tokenizer, counter, asr_messages("a dog"), [_wave(0.6, 4)], "a2")
+        | {"task": "asr", "corpus": "y"},
+    ]
+    module = AeroLitModule(model)
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    model.eval()
+    with torch.no_grad():
+        out = model.forward_batch(collate_packed(docs, counter))
+        alone = [model.forward_batch(collate_padded([d], counter, tokenizer.pad_token_id)) for d in docs]
+    module._log_breakdown(out, collate_packed(docs, counter))
+
+    def mean(idx):
+        return sum(float(alone[i].loss_sum) for i in idx) / sum(int(alone[i].num_target_tokens) for i in idx)
+
+    assert logged["train/task/asr/loss"] == pytest.approx(mean([0, 2]), rel=1e-5)
+    assert logged["train/task/text/loss"] == pytest.approx(mean([1]), rel=1e-5)
+    assert logged["train/corpus/y/loss"] == pytest.approx(mean([1, 2]), rel=1e-5)
+    assert logged["train/task/asr/target_tokens"] == int(alone[0].num_target_tokens) + int(
+        alone[2].num_target_tokens
+    )
+    assert sorted(logged) == sorted(
+        f"train/{k}/{n}/{m}"
+        for k, n in [("task", "asr"), ("task", "text"), ("corpus", "x"), ("corpus", "y")]
+        for m in ("loss", "target_tokens")
+    )
