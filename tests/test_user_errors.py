@@ -45,18 +45,22 @@ def _one_error_line(stderr: str) -> str:
 @pytest.mark.parametrize(
     ("script", "args", "expected"),
     [
-        ("eval.py", ("ckpt={tmp}/no_such_run",), "error: checkpoint {tmp}/no_such_run does not exist; give a "
-         "Lightning .ckpt, a training run folder (with checkpoints/last.ckpt) or a folder written by save_pretrained"),
+        ("eval.py", ("ckpt={tmp}/no_such_run", "benchmark.demo.source={tmp}/items.jsonl"), "error: checkpoint "
+         "{tmp}/no_such_run does not exist; give a Lightning .ckpt, a training run folder (with checkpoints/last.ckpt) "
+         "or a folder written by save_pretrained"),
         ("eval.py", ("ckpt={tmp}", "benchmark=librispeech_test_cleen"), "error: unknown benchmark "
          "'librispeech_test_cleen'; known: air_bench_foundation, "),
-        ("eval.py", (), "error: ckpt= is required (e.g. ckpt=PATH); see --help"),
+        ("eval.py", ("benchmark.demo.source={tmp}/items.jsonl",), "error: ckpt= is required (e.g. ckpt=PATH); see "
+         "--help"),
+        ("eval.py", ("ckpt={tmp}/no_such_run", "benchmark.demo.source={tmp}/no_such_set"), "error: benchmark source "
+         "{tmp}/no_such_set does not exist"),
         ("transcribe.py", ("ckpt={tmp}/no_such_run", "audio={tmp}/a.wav"), "error: checkpoint {tmp}/no_such_run "
          "does not exist"),
         ("train.py", ("experiment=demo", "paths.demo_corpus_dir={tmp}/no_corpus"), "error: data folder "
          "{tmp}/no_corpus/train does not exist; build the demo corpus with"),
         ("train.py", ("experiment=demo_tiny",), "error: unknown experiment 'demo_tiny'; known: ablation_encoder, "),
     ],
-    ids=["eval-missing-ckpt", "eval-unknown-benchmark", "eval-no-ckpt", "transcribe-missing-ckpt",
+    ids=["eval-missing-ckpt", "eval-unknown-benchmark", "eval-no-ckpt", "eval-missing-source", "transcribe-missing-ckpt",
          "train-missing-data", "train-unknown-experiment"],
 )  # fmt: skip
 def test_hydra_entry_points_report_user_errors_in_one_line_and_exit_2(script, args, expected, tmp_path):
@@ -64,6 +68,7 @@ def test_hydra_entry_points_report_user_errors_in_one_line_and_exit_2(script, ar
     import soundfile as sf
 
     sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+    (tmp_path / "items.jsonl").write_text('{"audio": "a.wav", "text": "silence"}\n')
     proc = _run(script, *(a.format(tmp=tmp_path) for a in args), tmp_path=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert _one_error_line(proc.stderr).startswith(expected.format(tmp=tmp_path))
