@@ -79,7 +79,10 @@ class TrainingProgress(L.Callback):
             )
         ]
         metrics = trainer.callback_metrics
-        for name in sorted(k for k in metrics if k.startswith("train/") and k.endswith("loss")):
+        # the step's losses (train/loss, train/ctc_loss), not the per-task and per-corpus breakdown
+        for name in sorted(
+            k for k in metrics if k.startswith("train/") and k.endswith("loss") and k.count("/") == 1
+        ):
             parts.append(f"{name.removeprefix('train/')} {float(metrics[name]):.3f}")
         parts.append(f"{self._tokens / interval:.0f} tok/s")
         parts.append(f"{self._audio_samples / SAMPLE_RATE_HZ / interval:.1f} audio s/s")
