@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +16,11 @@ import numpy as np
 import soundfile as sf
 from helpers.aero_runs import compose_train
 from helpers.tiny import build_tiny
+from hydra import compose, initialize_config_dir
 
 from aero_lightning.data import prepare
 from aero_lightning.data.corpora import get_corpus
+from aero_lightning.errors import check_group_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = (
@@ -168,3 +172,43 @@ def test_the_walkthrough_runs_on_the_cpu_with_tiny_components(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["benchmarks"]["librispeech_test_clean"]["num_samples"] == 3
+
+
+def _walkthrough_commands() -> list[list[str]]:
+    """The ``python ...`` commands of the README's walkthrough, continuation lines joined, split as a shell does."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## From the demo to a real model on one GPU", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip().split("  #", 1)[0]
+            if line.startswith("python "):
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_the_readme_walkthrough_names_every_split_and_its_commands_compose(tmp_path):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"for split in {' '.join(SPLITS)}; do" in readme
+    cfg = compose_train(tmp_path, ("experiment=librispeech_1gpu",))
+    used = [Path(c.dir) for c in cfg.data.train.values()] + [Path(d) for d in cfg.data.val_dirs.values()]
+    assert {p.name for p in [*used, Path(cfg.data.test_dir)]} <= set(SPLITS)
+    assert {p.parent for p in used} == {Path(cfg.paths.data_dir) / "librispeech"}  # the loop's out= folders
+    commands = _walkthrough_commands()
+    scripts = [c[0] if c[0] != "-m" else c[1] for c in commands]
+    assert scripts == [
+        "aero_lightning.data.prepare", "aero_lightning.data.prepare", "train.py", "train.py", "eval.py",
+        "transcribe.py", "aero_lightning.hf.export",
+    ]  # fmt: skip
+    for command in commands:
+        if command[0] in ("train.py", "eval.py", "transcribe.py"):
+            check_group_overrides(ROOT / "conf", command[1:])
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                composed = compose(command[0].removesuffix(".py"), overrides=command[1:])
+            if command[0] == "eval.py":
+                assert sorted(composed.benchmark) == ["librispeech_test_clean", "librispeech_test_other"]
+                assert composed.benchmark.librispeech_test_other.source == "/data/LibriSpeech/test-other"
+    assert prepare.parse_args(commands[0][2:]) | {"source": "x"} == {
+        "corpus": "librispeech", "source": "x", "out_dir": "data_cache/librispeech/$split", "split": "$split",
+        "workers": 8,
+    }  # fmt: skip
