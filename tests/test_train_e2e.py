@@ -328,7 +328,8 @@ def test_bad_training_samples_are_skipped_counted_and_logged(demo_env, tmp_path)
     }
     assert all(n >= 1 for n in rejected.values())
     log = (out / "train.log").read_text()
-    assert "skipping corrupt: corrupt_audio" in log and "training samples skipped" in log
+    assert "skipping broken-000000.tar:corrupt: corrupt_audio LibsndfileError: " in log  # shard and key named
+    assert "training samples skipped" in log and " at 0x" not in log
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
