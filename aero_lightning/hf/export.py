@@ -75,9 +75,9 @@ _BARE_IMPORT = re.compile(r"^\s*import aero_lightning", re.MULTILINE)
 USAGE = """\
 usage: python -m aero_lightning.hf.export ckpt=PATH out=DIR [key=value ...]
 
-  ckpt=PATH        Lightning .ckpt (run config.yaml next to the run folder), run folder, or save_pretrained folder
+  ckpt=PATH        Lightning .ckpt (loaded through its run folder's model/), run folder, or save_pretrained folder
   out=DIR          export folder (must be empty or absent unless overwrite=true)
-  config=PATH      the run's config.yaml when it is not found next to the checkpoint
+  config=PATH      a run's config.yaml when the checkpoint is not in its run folder (runs without model/)
   prompt=TEXT      ASR instruction the pipeline puts after the audio (default: the training prompt)
   dtype=NAME       weights dtype: float32 (default), bfloat16, float16
   verify=BOOL      load the folder back and compare logits with the source model (default true)
