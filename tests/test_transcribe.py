@@ -1,7 +1,9 @@
-"""transcribe.py: formats, rates, channels, an unreadable file, long-form in one LLM context."""
+"""transcribe.py: formats, rates, channels, unreadable and missing inputs with their reasons and exit status,
+long-form in one LLM context up to what a pass holds and in chunks beyond, progress lines."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,7 +19,16 @@ import soxr
 from helpers.aero_runs import SENTENCES, speak, write_lightning_run
 
 from aero_lightning.data.audio_io import AudioReadError, find_audio_files, load_audio
-from aero_lightning.eval.decode import GenerationOptions, plan_decode_batches
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
+from aero_lightning.eval.chunking import plan_chunks
+from aero_lightning.eval.decode import (
+    GenerationOptions,
+    chars_per_token,
+    pass_limit_samples,
+    plan_decode_batches,
+)
+from aero_lightning.model.build import load_model
+from aero_lightning.progress import Progress
 from aero_lightning.tasks.transcribe import transcribe_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +89,13 @@ def test_every_format_is_transcribed_and_an_unreadable_file_is_reported(model, a
         assert isinstance(by_name[name]["text"], str) and 1 <= by_name[name]["num_new_tokens"] <= 4
     assert "not readable as audio" in by_name["broken.wav"]["error"]
     assert "holds no audio samples" in by_name["empty.wav"]["error"]
-    assert "broken.wav" in caplog.text and "2 of 7 file(s) could not be read" in caplog.text
+    assert (by_name["broken.wav"]["reason"], by_name["empty.wav"]["reason"]) == (
+        "unreadable_audio",
+        "empty_file",
+    )
+    assert out["failed_by_reason"] == {"empty_file": 1, "unreadable_audio": 1}
+    assert "2 of 7 input(s) could not be transcribed" in caplog.text
+    assert f"{audio_dir / 'broken.wav'} (unreadable_audio)" in caplog.text
     # the 8 kHz stereo file is resampled, not played at the wrong speed
     assert by_name["e_8k_stereo.wav"]["duration_s"] == pytest.approx(
         len(speak(SENTENCES[4], 4)) / 16000, abs=0.01
@@ -152,23 +169,73 @@ def test_cli_transcribes_a_folder(run_ckpt, audio_dir, tmp_path):
         "generation.max_new_tokens=4",
         "progress=false",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]  # two of the seven files cannot be read
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 7 and sum("text" in r for r in records) == 5
-    printed = [line for line in proc.stdout.splitlines() if "\t" in line]
-    assert len(printed) == 5
-    assert "broken.wav: not readable as audio" in proc.stdout + proc.stderr  # Hydra logs to stdout
+    assert {Path(r["path"]).name: r["reason"] for r in records if "reason" in r} == {
+        "broken.wav": "unreadable_audio",
+        "empty.wav": "empty_file",
+    }
+    printed = proc.stdout.splitlines()
+    assert len(printed) == 7 and sum(line.startswith("#failed\t") for line in printed) == 2
+    assert "broken.wav: not readable as audio" in proc.stderr
 
 
 def test_cli_fails_when_nothing_is_readable(run_ckpt, audio_dir, tmp_path):
     proc = _run_cli(f"ckpt={run_ckpt}", f"audio={audio_dir / 'broken.wav'}", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 1
-    assert "could not be read" in proc.stdout + proc.stderr
+    assert "1 of 1 input(s) could not be transcribed" in proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith(f"#failed\t{audio_dir / 'broken.wav'}\tunreadable_audio\t")
 
 
-def test_cli_fifteen_minutes_in_one_pass(run_ckpt, tmp_path):
-    """A 15-minute recording: 30 encoder windows and 11 250 audio tokens in one LLM context, with the demo
-    architecture (experiment=demo: 12.5 audio tokens per second)."""
+def test_cli_lists_a_missing_file_and_exits_3(run_ckpt, audio_dir, tmp_path):
+    """A list naming a file that does not exist: the other file is transcribed, the missing one is listed with its
+    reason in the output file and on stdout, and the exit status says that some inputs failed."""
+    good, missing = audio_dir / "a.wav", tmp_path / "no_such.wav"
+    out = tmp_path / "out.txt"
+    proc = _run_cli(
+        f"ckpt={run_ckpt}",
+        f"audio=[{good},{missing}]",
+        f"output={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "generation.max_new_tokens=4",
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{good}\t")
+    assert (
+        lines[1] == f"#failed\t{missing}\tmissing_file\t{missing}: no such file, folder or matching pattern"
+    )
+    assert proc.stdout.splitlines() == lines  # stdout carries the same lines
+    assert "1 input(s) match no file" in proc.stderr and "(failed: missing_file 1)" in proc.stderr
+    assert "exit status 3" in proc.stderr
+    # not a terminal: progress is logged as lines with a total
+    assert "transcribing: 2/2 (100 %)" in proc.stderr
+
+
+def test_progress_lines_have_totals_for_files_and_for_the_tokens_of_a_long_file(model, tmp_path, monkeypatch):
+    model.eval()
+    lines: list[str] = []
+    logged = functools.partial(Progress, interval_s=0, terminal=False, log=lines.append, clock=lambda: 0.0)
+    monkeypatch.setattr("aero_lightning.eval.decode.Progress", logged)
+    monkeypatch.setattr("aero_lightning.tasks.transcribe.Progress", logged)
+    path = tmp_path / "seventy.flac"
+    sf.write(path, _long_wave(70.0), 16000)
+    out = transcribe_files(model, [path, tmp_path / "gone.wav"], options=GenerationOptions(max_new_tokens=8))
+    assert (out["transcribed"], out["failed_by_reason"]) == (1, {"missing_file": 1})
+    assert (
+        lines[0] == "transcribing: 1/2 (50 %), 0.0 file/s, elapsed 0s, ETA ?"
+    )  # the missing file, counted first
+    tokens = [line for line in lines if line.startswith("seventy.flac: ")]
+    assert tokens[0] == "seventy.flac: 1/8 (12 %), 0.0 token/s, elapsed 0s, ETA ?"
+    assert tokens[-1] == "seventy.flac: 8/8 (100 %), 0.0 token/s, elapsed 0s, ETA ? (done)"
+    assert lines[-1].startswith("transcribing: 2/2 (100 %), 0.0 file/s, elapsed 0s, ETA ?, RTFx ")
+    assert lines[-1].endswith(" (done)")
+
+
+def test_cli_fifteen_minutes_in_chunks(run_ckpt, tmp_path):
+    """A 15-minute recording with the demo architecture (experiment=demo: 12.5 audio tokens per second, an LLM of
+    4096 positions): longer than one pass holds, so it is decoded in overlapping chunks at the pass limit."""
     path = tmp_path / "fifteen_minutes.flac"
     sf.write(path, _long_wave(900.0), 16000)
     out = tmp_path / "out.jsonl"
@@ -183,5 +250,12 @@ def test_cli_fifteen_minutes_in_one_pass(run_ckpt, tmp_path):
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert record["duration_s"] == pytest.approx(900.0) and record["num_new_tokens"] <= 16
+    model = load_model(run_ckpt, device="cpu")
+    options = GenerationOptions(max_new_tokens=16)
+    limit = pass_limit_samples(model, DEFAULT_ASR_PROMPT, options, chars_per_token(model.tokenizer))
+    chunks = plan_chunks(900 * 16000, limit, 5 * 16000)
+    assert 200 * 16000 < limit < 900 * 16000 and len(chunks) == 3
+    assert record["duration_s"] == pytest.approx(900.0) and record["num_chunks"] == 3
+    assert record["num_new_tokens"] <= 3 * 16
+    assert "fifteen_minutes.flac: 48/48 (100 %)" in proc.stderr  # progress in tokens inside the long file
     assert elapsed < 120, f"15 minutes took {elapsed:.0f} s"
