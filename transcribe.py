@@ -8,14 +8,17 @@ error (bad arguments, missing checkpoint, no input found at all); 3 some inputs 
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from aero_lightning.errors import check_group_overrides, exit_on_user_error
 from aero_lightning.tasks.transcribe import text_lines, transcribe
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="transcribe")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     result = transcribe(cfg)
     for line in text_lines(result["records"]):
@@ -25,4 +28,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_group_overrides(Path(__file__).resolve().parent / "conf")
     main()
