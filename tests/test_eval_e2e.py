@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,59 @@ def test_eval_unknown_benchmark_and_missing_source_fail_clearly(eval_env, tmp_pa
     assert proc.returncode != 0 and "does not exist" in proc.stdout + proc.stderr
     proc = run_eval(f"ckpt={ckpt}", "benchmark=no_such_benchmark", f"hydra.run.dir={tmp_path / 'o2'}")
     assert proc.returncode != 0 and "no_such_benchmark" in proc.stdout + proc.stderr
+
+
+def _truncate_inside_sample(shard: Path, sample: int) -> int:
+    """Cut ``shard`` in the middle of the first member of its ``sample``-th sample (0-based); return the samples
+    that remain whole before the cut."""
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m in members))
+    first = next(m for m in members if m.name.split(".")[0] == keys[sample])
+    shard.write_bytes(shard.read_bytes()[: first.offset_data + first.size // 2])
+    return sample
+
+
+def test_eval_accounts_for_every_sample_of_a_truncated_shard(eval_env, tmp_path):
+    """A source whose first shard is cut inside its third sample: summary.json adds up (scored + skipped by reason =
+    the samples the manifest lists), the damaged shard is reported apart, the skipped inputs are listed with their
+    reasons, and the progress line (not a terminal) has the source's size as its total."""
+    _, corpus, ckpt, _ = eval_env
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus / "test", damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    assert [s["num_samples"] for s in manifest["shards"]] == [4, 2]
+    kept = _truncate_inside_sample(damaged / manifest["shards"][0]["name"], 2)
+    out = tmp_path / "out"
+    proc = run_eval(
+        f"ckpt={ckpt}",
+        "benchmark=demo",
+        f"benchmark.demo.source={damaged}",
+        f"hydra.run.dir={out}",
+        "generation.max_new_tokens=4",
+        "batch_size=4",
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    demo = json.loads((out / "summary.json").read_text())["benchmarks"]["demo"]
+    lost = 4 - kept
+    assert demo["num_samples"] == NUM_TEST - lost == 4
+    assert demo["skipped"] == {"missing_samples": lost}
+    assert demo["damaged_shards"] == {"truncated_tar": 1}
+    assert demo["accounting"] == {
+        "source_samples": NUM_TEST,
+        "scored": NUM_TEST - lost,
+        "dropped_empty_reference": 0,
+        "skipped": lost,
+        "read": NUM_TEST,
+        "stopped_at_max_samples": False,
+        "complete": True,
+    }
+    listed = [json.loads(x) for x in (out / "predictions" / "demo.skipped.jsonl").read_text().splitlines()]
+    shard = str(damaged / manifest["shards"][0]["name"])
+    assert [(r["key"], r["reason"], r["count"]) for r in listed] == [
+        (shard, "truncated_tar", 1),
+        (shard, "missing_samples", lost),
+    ]
+    assert listed[1]["detail"] == f"read {kept} of the 4 samples the manifest lists"
+    assert "| demo | 4 | 2 (missing_samples 2; truncated_tar shards 1) |" in (out / "summary.md").read_text()
+    assert "demo: 6/6 (100 %)" in proc.stdout + proc.stderr

@@ -57,6 +57,8 @@ REJECT_REASONS: dict[str, str] = {
     "bad_choices": "a multiple-choice sample with fewer than two options, or options that do not parse",
     "answer_not_in_choices": "a multiple-choice sample whose answer is not one of its options",
     "bad_key": "a LibriSpeech key that is not <speaker>-<chapter>-<utterance> (long-form grouping needs it)",
+    "empty_reference": "an ASR sample whose reference is empty after Whisper's English normaliser (or TED-LIUM's "
+    "ignore marker): dropped before decoding, as the Open ASR Leaderboard filters its datasets (eval.py)",
 }
 """Reason -> one-line meaning of every category an input can be skipped for (manifests, logs, eval summaries)."""
 

@@ -49,7 +49,7 @@ from aero_lightning.eval.longform import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalItem", "detect_format", "iter_items"]
+__all__ = ["EvalItem", "detect_format", "iter_items", "source_size"]
 
 TEXT_FALLBACKS = ("text", "sentence", "normalized_text", "transcript", "transcription")
 """Transcript columns tried in order when the configured one is absent (the leaderboard's ``get_text``)."""
@@ -402,3 +402,55 @@ def iter_items(
             yield item
     finally:
         publish()
+
+
+def source_size(
+    spec: BenchmarkSpec,
+    source: str | os.PathLike | None = None,
+    split: str | None = None,
+    hf_config: str | None = None,
+) -> int | None:
+    """How many samples a benchmark's source holds, when that is cheap to know, without reading any audio.
+
+    Prepared shards: the manifest's sample counts (samples a damaged shard loses included); a JSON Lines manifest:
+    its non-empty lines; a ``save_to_disk`` folder: the split's rows; a hub dataset: the split's
+    ``num_examples`` from the dataset's metadata, when the hub answers. Long-form sources are grouped by chapter
+    and LibriSpeech folders are not counted ahead: None.
+
+    Args:
+        spec, source, split, hf_config: as for :func:`iter_items`.
+
+    Returns:
+        The number of samples :func:`iter_items` will account for (yielded + skipped), or None when unknown.
+    """
+    source = str(source) if source is not None else spec.hf_id
+    if source is None or spec.longform:
+        return None
+    try:
+        kind = detect_format(source)
+    except (ValueError, FileNotFoundError):
+        return None
+    if kind == "shards":
+        from aero_lightning.data.shards import read_manifest
+
+        entries = read_manifest(Path(source)).get("shards", [])
+        counts = [e.get("num_samples") for e in entries]
+        return None if any(c is None for c in counts) else int(sum(counts))
+    if kind == "jsonl":
+        with open(source, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    split = split or spec.hf_split
+    try:
+        import datasets
+
+        if kind == "hf_saved":
+            loaded = datasets.load_from_disk(source)
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded[split]
+            return len(loaded)
+        if kind == "hub":
+            info = datasets.load_dataset_builder(source, hf_config or spec.hf_config).info
+            return int(info.splits[split].num_examples)
+    except Exception as err:  # noqa: BLE001 - a size is a nicety: progress without a total is fine
+        logger.debug("no sample count for %s: %s", source, err)
+    return None

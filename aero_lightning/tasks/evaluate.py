@@ -11,8 +11,15 @@ sorted by length, decoded in batches (:func:`aero_lightning.eval.decode.decode_w
 
 RTFx = audio seconds / inference wall seconds, where inference is prompt building, log-mel, encoder, projector and
 generation (CUDA-synchronised); reading and decoding audio files is excluded, as the leaderboard times the model
-call. Outputs in the run folder: ``summary.json``, ``summary.md`` (the table, also logged) and
-``predictions/<benchmark>.jsonl``.
+call. Outputs in the run folder: ``summary.json``, ``summary.md`` (the table, also logged),
+``predictions/<benchmark>.jsonl`` and ``predictions/<benchmark>.skipped.jsonl``.
+
+Every sample of a source is accounted for: scored, dropped for an empty reference, or skipped with a reason
+(unreadable audio, a sample lost in a truncated shard, ...). Each benchmark's ``accounting`` in ``summary.json``
+adds them up against the source's size when it is known (a shard manifest's counts, a JSON Lines manifest's lines, a
+dataset's rows), and the ``.skipped.jsonl`` file lists every skipped input with its reason. Damaged shards are
+reported apart (``damaged_shards``): a shard is not a sample, and the samples it lost are counted as
+``missing_samples``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from aero_lightning.eval.decode import (
     decode_waveforms,
     plan_decode_batches,
 )
-from aero_lightning.eval.sources import EvalItem, detect_format, iter_items
+from aero_lightning.eval.sources import EvalItem, detect_format, iter_items, source_size
 from aero_lightning.metrics.choice import choice_accuracy, format_choices
 from aero_lightning.metrics.repetition import repetition_stats
 from aero_lightning.metrics.wer import WERResult, corpus_wer, is_scored_reference, mean_wer, normalize_english
@@ -45,7 +52,29 @@ from aero_lightning.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "markdown_summary", "run_benchmark"]
+__all__ = ["SHARD_REASONS", "evaluate", "markdown_summary", "run_benchmark"]
+
+SHARD_REASONS = frozenset({"truncated_tar", "unreadable_shard"})
+"""Reject reasons that count damaged shards, not samples (their lost samples are counted as ``missing_samples``)."""
+
+LONG_ITEM_PROGRESS_S = 60.0
+"""A sample at least this long, decoded alone, also shows its progress in generated tokens."""
+
+
+class _ListedRejects(RejectCounter):
+    """A :class:`RejectCounter` that also keeps every skipped input: ``{"key", "reason", "detail", "count"}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.listed: list[dict[str, Any]] = []
+
+    def reject(self, reason: str, key: str, detail: str = "", *, count: int = 1, log: bool = True) -> None:
+        super().reject(reason, key, detail, count=count, log=log)
+        self.listed.append({"key": key, "reason": reason, "detail": detail, "count": count})
+
+    def samples(self) -> int:
+        """Samples skipped so far (damaged-shard events excluded)."""
+        return sum(v for k, v in self.items() if k not in SHARD_REASONS)
 
 
 def _chunks(items: Iterable[EvalItem], size: int) -> Iterator[list[EvalItem]]:
@@ -72,7 +101,7 @@ def run_benchmark(
     repetition: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Decode and score one benchmark; write ``out_dir/predictions/<name>.jsonl``.
+    """Decode and score one benchmark; write ``out_dir/predictions/<name>.jsonl`` and ``<name>.skipped.jsonl``.
 
     Args:
         model: an :class:`~aero_lightning.model.aero.AeroModel` in eval mode.
@@ -85,21 +114,27 @@ def run_benchmark(
         batch_size, max_batch_audio_s: see :func:`aero_lightning.eval.decode.plan_decode_batches`.
         buffer_size: samples read ahead and sorted by length before batching.
         repetition: ``{"min_repeats", "max_n"}`` for the loop measure.
-        progress: show a progress bar.
+        progress: show progress (:class:`~aero_lightning.progress.Progress`: a bar on a terminal, a log line every
+            30 s otherwise), with the source's size as the total when it is known
+            (:func:`~aero_lightning.eval.sources.source_size`, or ``max_samples``).
 
     Returns:
         The benchmark's summary dict (see :func:`evaluate`).
     """
-    rejects = RejectCounter()
+    rejects = _ListedRejects()
     items = iter_items(spec, source, split, hf_config, streaming, max_samples, rejects)
+    size = source_size(spec, source, split, hf_config)
+    capped = max_samples is not None and (size is None or max_samples < size)
     instruction = prompt if prompt is not None else spec.prompt
     cpt = chars_per_token(model.tokenizer)
     watch = Stopwatch(next(model.parameters()).device)
     records: list[dict[str, Any]] = []
-    dropped = 0
+    dropped: list[str] = []  # keys of ASR samples whose normalised reference is empty
     order: list[int] = []  # source position of each record
     seen = 0
-    bar = Progress(None, name, unit="sample", enabled=progress)
+    # with max_samples below the source's size the bar counts samples read; else every sample accounted for
+    bar = Progress(max_samples if capped else size, name, unit="sample", enabled=progress)
+    accounted = 0
     for buffer in _chunks(items, buffer_size):
         positions = list(range(seen, seen + len(buffer)))
         seen += len(buffer)
@@ -107,13 +142,15 @@ def run_benchmark(
             keep = [
                 i for i, item in enumerate(buffer) if is_scored_reference(normalize_english(item.reference))
             ]
-            dropped += len(buffer) - len(keep)
+            kept = set(keep)
+            dropped += [item.key for i, item in enumerate(buffer) if i not in kept]
             buffer = [buffer[i] for i in keep]
             positions = [positions[i] for i in keep]
             prompts = [instruction] * len(buffer)
         else:
             prompts = [format_choices(i.question, i.choices, instruction) for i in buffer]
         for batch in plan_decode_batches([i.duration_s for i in buffer], batch_size, max_batch_audio_s):
+            long_alone = len(batch) == 1 and buffer[batch[0]].duration_s >= LONG_ITEM_PROGRESS_S
             with watch:
                 results = decode_waveforms(
                     model,
@@ -121,6 +158,7 @@ def run_benchmark(
                     [prompts[j] for j in batch],
                     options,
                     tokenizer_chars_per_token=cpt,
+                    progress_desc=f"{name}/{buffer[batch[0]].key}" if progress and long_alone else None,
                 )
             for j, res in zip(batch, results):
                 item = buffer[j]
@@ -135,23 +173,48 @@ def run_benchmark(
                         "group": item.group,
                         "reply": res.text,
                     }
-                record |= {"num_new_tokens": res.num_new_tokens, "finished": res.finished}
+                record |= {
+                    "num_new_tokens": res.num_new_tokens,
+                    "finished": res.finished,
+                    "stopped_by_repetition_guard": res.stopped_by_repetition_guard,
+                    "num_chunks": res.num_chunks,
+                }
                 records.append(record)
                 order.append(positions[j])
-            bar.update(len(batch))
+            done = len(records) + len(dropped) + (0 if capped else rejects.samples())
+            bar.update(done - accounted)
+            accounted = done
+    done = len(records) + len(dropped) + (0 if capped else rejects.samples())
+    bar.update(done - accounted)  # samples skipped or dropped after the last batch
     bar.close()
     records = [records[i] for i in sorted(range(len(records)), key=order.__getitem__)]  # source order
     audio_s = sum(r["duration_s"] for r in records)
+    skipped = {k: v for k, v in sorted(rejects.items()) if k not in SHARD_REASONS}
+    read = len(records) + len(dropped) + sum(skipped.values())
     result: dict[str, Any] = {
         "task": spec.task,
         "description": spec.description,
         "source": str(source) if source is not None else spec.hf_id,
         "num_samples": len(records),
-        "skipped": dict(sorted(rejects.items())),
+        "skipped": skipped,
+        "damaged_shards": {k: v for k, v in sorted(rejects.items()) if k in SHARD_REASONS},
+        "accounting": {
+            "source_samples": size,
+            "scored": len(records),
+            "dropped_empty_reference": len(dropped),
+            "skipped": sum(skipped.values()),
+            "read": read,
+            "stopped_at_max_samples": bool(
+                max_samples is not None and len(records) + len(dropped) >= max_samples
+            ),
+            "complete": read == size if size is not None else None,
+        },
         "audio_s": round(audio_s, 3),
         "inference_s": round(watch.seconds, 3),
         "rtfx": round(audio_s / watch.seconds, 2) if watch.seconds > 0 else None,
-        "num_budget_hit": sum(not r["finished"] for r in records),
+        "num_budget_hit": sum(not r["finished"] and not r["stopped_by_repetition_guard"] for r in records),
+        "num_stopped_by_repetition_guard": sum(r["stopped_by_repetition_guard"] for r in records),
+        "num_chunked": sum(r["num_chunks"] > 1 for r in records),
         "reference": spec.reference,
     }
     if spec.task == "asr":
@@ -161,7 +224,7 @@ def run_benchmark(
         for i, r in enumerate(records):
             r["loop"] = i in loops
         result |= {
-            "num_dropped_empty_reference": dropped,
+            "num_dropped_empty_reference": len(dropped),
             **wer.to_dict(),
             "wer_percent": round(100 * wer.wer, 3) if not math.isnan(wer.wer) else None,
             "insertion_rate": wer.insertions / wer.num_ref_words if wer.num_ref_words else None,
@@ -181,14 +244,44 @@ def run_benchmark(
     with open(pred_file, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    skipped_file = pred_dir / f"{name}.skipped.jsonl"
+    with open(skipped_file, "w", encoding="utf-8") as f:
+        listed = rejects.listed + [
+            {"key": key, "reason": "empty_reference", "detail": "empty after normalisation", "count": 1}
+            for key in dropped
+        ]
+        for r in listed:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
     result["predictions"] = str(pred_file)
+    result["skipped_list"] = str(skipped_file)
     if rejects:
-        logger.warning("%s: skipped samples by reason: %s", name, dict(rejects))
+        logger.warning("%s: skipped inputs by reason: %s (listed in %s)", name, dict(rejects), skipped_file)
+    if size is not None and not result["accounting"]["stopped_at_max_samples"] and read != size:
+        logger.warning(
+            "%s: %d samples accounted for (scored %d, dropped %d, skipped %d) but the source lists %d",
+            name,
+            read,
+            len(records),
+            len(dropped),
+            sum(skipped.values()),
+            size,
+        )
     return result
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _skipped(r: Mapping[str, Any]) -> str:
+    """Skipped and dropped samples of a benchmark with their reasons, e.g. ``"2 (missing_samples 2; truncated_tar
+    shards 1)"``."""
+    parts = [f"{k} {v}" for k, v in r["skipped"].items()]
+    if r.get("num_dropped_empty_reference"):
+        parts.append(f"empty_reference {r['num_dropped_empty_reference']}")
+    parts += [f"{k} shards {v}" for k, v in r.get("damaged_shards", {}).items()]
+    total = r["accounting"]["skipped"] + r["accounting"]["dropped_empty_reference"]
+    return f"{total} ({'; '.join(parts)})" if parts else "0"
 
 
 def markdown_summary(summary: Mapping[str, Any]) -> str:
@@ -199,30 +292,35 @@ def markdown_summary(summary: Mapping[str, Any]) -> str:
     lines = []
     if asr:
         lines += [
-            "| benchmark | samples | WER % | S | D | I | insertions % | loops | budget hit | RTFx | Aero WER % |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| benchmark | samples | skipped | WER % | S | D | I | insertions % | loops | guard stops | budget hit "
+            "| RTFx | Aero WER % |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in asr.items():
             ins = 100 * r["insertion_rate"] if r.get("insertion_rate") is not None else None
             lines.append(
-                f"| {name} | {r['num_samples']} | {_fmt(r.get('wer_percent'))} | {r['substitutions']} | "
-                f"{r['deletions']} | {r['insertions']} | {_fmt(ins)} | {r['repetition']['num_loops']} | "
-                f"{r['num_budget_hit']} | {_fmt(r['rtfx'], 1)} | {_fmt(r['reference'])} |"
+                f"| {name} | {r['num_samples']} | {_skipped(r)} | {_fmt(r.get('wer_percent'))} | "
+                f"{r['substitutions']} | {r['deletions']} | {r['insertions']} | {_fmt(ins)} | "
+                f"{r['repetition']['num_loops']} | {r['num_stopped_by_repetition_guard']} | {r['num_budget_hit']} | "
+                f"{_fmt(r['rtfx'], 1)} | {_fmt(r['reference'])} |"
             )
         if summary.get("mean_wer_percent") is not None:
             lines.append(
-                f"| **mean** ({len(summary['mean_over'])} datasets, unweighted) | | "
-                f"**{_fmt(summary['mean_wer_percent'])}** | | | | | | | {_fmt(summary['rtfx'], 1)} | "
+                f"| **mean** ({len(summary['mean_over'])} datasets, unweighted) | | | "
+                f"**{_fmt(summary['mean_wer_percent'])}** | | | | | | | | {_fmt(summary['rtfx'], 1)} | "
                 f"{_fmt(summary.get('reference_mean_wer_percent'))} |"
             )
     if choice:
         if lines:
             lines.append("")
-        lines += ["| benchmark | items | accuracy % | unparsed | RTFx |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "| benchmark | items | skipped | accuracy % | unparsed | RTFx |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for name, r in choice.items():
             lines.append(
-                f"| {name} | {r['num_items']} | {_fmt(r.get('accuracy_percent'))} | {r['num_unparsed']} | "
-                f"{_fmt(r['rtfx'], 1)} |"
+                f"| {name} | {r['num_items']} | {_skipped(r)} | {_fmt(r.get('accuracy_percent'))} | "
+                f"{r['num_unparsed']} | {_fmt(r['rtfx'], 1)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -247,8 +345,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ``{"checkpoint", "benchmarks": {name: {...}}, "mean_wer", "mean_wer_percent", "mean_over", "rtfx",
         "generation", "summary_json", "summary_md"}``; per ASR benchmark the pooled counts
         (:class:`~aero_lightning.metrics.wer.WERResult`), ``wer_percent``, ``insertion_rate``, ``repetition``,
-        ``num_dropped_empty_reference``, ``skipped`` reasons, ``audio_s``, ``inference_s``, ``rtfx``,
-        ``num_budget_hit`` and the ``predictions`` file; per choice benchmark the accuracy fields.
+        ``num_dropped_empty_reference``, ``skipped`` samples by reason, ``damaged_shards`` by reason,
+        ``accounting`` (``source_samples``: the source's size or None; ``scored + dropped_empty_reference +
+        skipped = read``; ``complete``: read equals the source's size), ``audio_s``, ``inference_s``, ``rtfx``,
+        ``num_budget_hit``, ``num_stopped_by_repetition_guard``, ``num_chunked``, the ``predictions`` file and the
+        ``skipped_list`` file; per choice benchmark the accuracy fields.
 
     Raises:
         KeyError: for a benchmark name not in the registry.
