@@ -259,3 +259,15 @@ def test_cli_fifteen_minutes_in_chunks(run_ckpt, tmp_path):
     assert record["num_new_tokens"] <= 3 * 16
     assert "fifteen_minutes.flac: 48/48 (100 %)" in proc.stderr  # progress in tokens inside the long file
     assert elapsed < 120, f"15 minutes took {elapsed:.0f} s"
+
+
+def test_help_documents_the_exit_status_and_the_long_audio_options(tmp_path):
+    proc = _run_cli("--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())
+    assert (
+        "Exit status: 0 every input transcribed; 1 none transcribed; 2 a usage error (bad arguments, missing "
+        "checkpoint, no input found at all); 3 some inputs transcribed and some failed." in text
+    )
+    for option in ("repetition_guard.enabled", "max_pass_s", "chunk_s", "stride_s"):
+        assert f"generation.{option}=" in proc.stdout
