@@ -33,6 +33,12 @@ class AeroConfig(PreTrainedConfig):
         asr_prompt: the instruction after the audio in the ASR pipeline.
         base_new_tokens, chars_per_second, chars_per_token, max_new_tokens_cap: the pipeline's default budget,
             ``min(cap, base + ceil(duration_s * chars_per_second / chars_per_token))`` new tokens.
+        repetition_guard: ``{"max_ngram", "min_repeats", "min_tokens"}`` of the guard ``generate`` adds
+            (aero_lightning/eval/repetition_guard.py); None: no guard.
+        max_pass_s: longest recording the pipeline decodes in one pass, in seconds, further limited by the LLM's
+            context; None: the context alone.
+        chunk_s: the pipeline's default chunk length in seconds (None: the pass limit).
+        stride_s: the pipeline's default overlap on each side of a chunk, in seconds.
     """
 
     model_type = "aero_audio_llm"
@@ -56,6 +62,10 @@ class AeroConfig(PreTrainedConfig):
     chars_per_second: float = 25.0
     chars_per_token: float = 4.0
     max_new_tokens_cap: int = 8192
+    repetition_guard: dict | None = None
+    max_pass_s: float | None = 900.0
+    chunk_s: float | None = None
+    stride_s: float = 5.0
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """The causal LM's config (generation utilities read vocabulary and cache settings from it)."""

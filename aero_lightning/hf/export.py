@@ -7,11 +7,12 @@ The folder holds:
 - ``model.safetensors`` (AeroModel's parameter names: ``encoder.encoder.*``, ``projector.*``, ``llm.*``; tied
   embeddings stored once) and ``config.json`` (:class:`AeroConfig`: nested Whisper-encoder and LLM configs,
   projector, prompt, generation budget; ``auto_map`` and ``custom_pipelines`` for ``trust_remote_code``);
-- the tokenizer (with its chat template and the audio special tokens) and ``preprocessor_config.json``
-  (:class:`AeroFeatureExtractor`: 30 s windows + log-mel);
+- the tokenizer (with its chat template and the audio special tokens), ``preprocessor_config.json``
+  (:class:`AeroFeatureExtractor`: 30 s windows + log-mel) and ``processor_config.json`` (:class:`AeroProcessor`,
+  what ``AutoProcessor`` loads: prompt + features for ``AutoModel``'s ``generate``);
 - the model code: ``configuration_aero.py``, ``modeling_aero.py``, ``feature_extraction_aero.py``,
-  ``pipeline_aero.py`` and the aero_lightning modules they use (encoder adapter, projector, packed attention,
-  log-mel, chat prompt), copied with their ``aero_lightning`` imports made relative, so the folder needs only torch,
+  ``processing_aero.py``, ``pipeline_aero.py`` and the aero_lightning modules they use (encoder adapter, projector,
+  packed attention, log-mel, chat prompt, repetition guard, chunking), copied with their ``aero_lightning`` imports made relative, so the folder needs only torch,
   transformers, numpy (and soundfile + soxr to read files);
 - ``README.md`` with usage.
 
@@ -55,12 +56,19 @@ logger = logging.getLogger(__name__)
 __all__ = ["export", "main", "remote_code_files"]
 
 PACKAGE_ROOT = Path(aero_lightning.__file__).resolve().parent
-ENTRY_FILES = ("configuration_aero", "modeling_aero", "feature_extraction_aero", "pipeline_aero")
+ENTRY_FILES = (
+    "configuration_aero",
+    "modeling_aero",
+    "feature_extraction_aero",
+    "processing_aero",
+    "pipeline_aero",
+)
 """Modules of ``aero_lightning/hf`` that form the remote code; their aero_lightning imports are followed."""
 
 AUTO_MAP = {
     "AutoConfig": "configuration_aero.AeroConfig",
     "AutoModel": "modeling_aero.AeroForConditionalGeneration",
+    "AutoProcessor": "processing_aero.AeroProcessor",
 }
 CUSTOM_PIPELINES = {
     "automatic-speech-recognition": {
@@ -164,6 +172,10 @@ def build_config(
         chars_per_second=options.chars_per_second,
         chars_per_token=chars_per_token(tok),
         max_new_tokens_cap=options.max_new_tokens_cap,
+        repetition_guard=options.repetition_guard.to_dict() if options.repetition_guard is not None else None,
+        max_pass_s=options.max_pass_s,
+        chunk_s=options.chunk_s,
+        stride_s=options.stride_s,
     )
     config.architectures = ["AeroForConditionalGeneration"]
     config.auto_map = dict(AUTO_MAP)
@@ -176,12 +188,22 @@ def _write_readme(out: Path, prompt: str) -> None:
     (out / "README.md").write_text(
         "---\nlibrary_name: transformers\npipeline_tag: automatic-speech-recognition\n---\n\n"
         "# Aero audio LLM (exported by aero_lightning)\n\n"
-        "Whisper-architecture encoder (padding-free 30 s windows) -> projector -> causal LM. Long audio is not "
-        "chunked: all 30 s windows go into one LLM context.\n\n"
+        "Whisper-architecture encoder (padding-free 30 s windows) -> projector -> causal LM. A recording goes into "
+        "one LLM context up to what a pass holds (the LLM's context, at most `max_pass_s` in config.json); longer "
+        "ones are transcribed in overlapping chunks (`chunk_length_s`, `stride_length_s`). A repetition guard "
+        "stops a reply that loops.\n\n"
         "```python\nfrom transformers import pipeline\n\n"
         'asr = pipeline("automatic-speech-recognition", model="PATH_TO_THIS_FOLDER", trust_remote_code=True)\n'
         'print(asr("speech.wav")["text"])\n'
-        'print(asr("speech.wav", num_beams=4, max_new_tokens=128)["text"])\n```\n\n'
+        'print(asr("speech.wav", num_beams=4, max_new_tokens=128)["text"])\n'
+        'print(asr("meeting.wav", chunk_length_s=60, stride_length_s=5)["text"])\n```\n\n'
+        "Direct use (the processor builds the prompt with its audio slots and the features):\n\n"
+        "```python\nfrom transformers import AutoModel, AutoProcessor\n\n"
+        'model = AutoModel.from_pretrained("PATH_TO_THIS_FOLDER", trust_remote_code=True)\n'
+        'processor = AutoProcessor.from_pretrained("PATH_TO_THIS_FOLDER", trust_remote_code=True)\n'
+        'inputs = processor(audio="speech.wav")\n'
+        "tokens = model.generate(**inputs, max_new_tokens=128)\n"
+        "print(processor.batch_decode(tokens, skip_special_tokens=True)[0].strip())\n```\n\n"
         f"ASR prompt: `{prompt}`. Needs torch, transformers, numpy; soundfile and soxr to read and resample files.\n",
         encoding="utf-8",
     )
@@ -297,6 +319,13 @@ def export(
     pre_cfg = json.loads(pre.read_text())
     pre_cfg["auto_map"] = {"AutoFeatureExtractor": "feature_extraction_aero.AeroFeatureExtractor"}
     pre.write_text(json.dumps(pre_cfg, indent=2, sort_keys=True) + "\n")
+    processor = {
+        "processor_class": "AeroProcessor",
+        "auto_map": {"AutoProcessor": "processing_aero.AeroProcessor"},
+        "asr_prompt": prompt,
+        "end_of_turn_token": model.end_of_turn_token,
+    }
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
     _write_readme(out, prompt)
     logger.info(
         "exported %s to %s", getattr(ckpt, "name", ckpt) if not isinstance(ckpt, AeroModel) else "model", out

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from aero_lightning.eval.repetition_guard import RepetitionGuard, repetition_guard_from
 from aero_lightning.hf.configuration_aero import AeroConfig
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
 from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector
@@ -120,6 +121,11 @@ class AeroForConditionalGeneration(AeroPreTrainedModel):
         inputs_embeds = self.build_inputs_embeds(input_ids, input_features, feature_lengths)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
+    def guard_settings(self, override=None) -> RepetitionGuard | None:
+        """The repetition guard in effect: ``override`` (False: none, True: defaults, a mapping of settings) or,
+        when None, the config's ``repetition_guard``."""
+        return repetition_guard_from(self.config.repetition_guard if override is None else override)
+
     @torch.no_grad()
     def generate(
         self,
@@ -127,15 +133,29 @@ class AeroForConditionalGeneration(AeroPreTrainedModel):
         attention_mask: torch.Tensor,
         input_features: torch.Tensor | None = None,
         feature_lengths: torch.Tensor | None = None,
+        repetition_guard=None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Decode replies for left-padded prompts; ``generate_kwargs`` go to the LLM's ``generate``
         (``max_new_tokens``, ``num_beams``, ...; greedy unless ``do_sample=True``).
 
+        The repetition guard (:meth:`guard_settings`; aero_lightning/eval/repetition_guard.py) is added to the
+        stopping criteria, so a reply that loops ends within tens of tokens instead of at ``max_new_tokens``.
+
+        Args:
+            input_ids, attention_mask, input_features, feature_lengths: as for :meth:`forward`.
+            repetition_guard: None (the config's), False (off), True or a mapping of guard settings.
+
         Returns:
             ``(B, T_new)`` new token ids (the prompt is not repeated).
         """
         inputs_embeds = self.build_inputs_embeds(input_ids, input_features, feature_lengths)
+        guard = self.guard_settings(repetition_guard)
+        if guard is not None:
+            criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+            num_beams = generate_kwargs.get("num_beams") or self.llm.generation_config.num_beams or 1
+            criteria.append(guard.criterion(num_beams))
+            generate_kwargs["stopping_criteria"] = criteria
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("eos_token_id", list(self.config.stop_token_ids))
         generate_kwargs.setdefault("pad_token_id", self.config.generation_pad_token_id)

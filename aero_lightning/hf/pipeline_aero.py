@@ -4,82 +4,44 @@ Usage::
 
     from transformers import pipeline
     asr = pipeline("automatic-speech-recognition", model="EXPORT_DIR", trust_remote_code=True)
-    asr("speech.flac")                                   # {"text": "..."}
+    asr("speech.flac")                                   # {"text": "...", "stopped_by_repetition_guard": False}
     asr("speech.flac", num_beams=4, max_new_tokens=64)   # generation arguments pass through
     asr({"raw": waveform, "sampling_rate": 8000})        # arrays at any rate (resampled to 16 kHz)
+    asr("meeting.flac", chunk_length_s=60, stride_length_s=5)  # overlapping chunks, texts merged
 
-Audio files are read with libsndfile (``soundfile``: WAV, FLAC, OGG, MP3, ...) and resampled with ``soxr``, as
-aero_lightning's ``transcribe.py`` does, so both give the same text for the same file. Long recordings are not
-chunked: every 30 s window goes through the encoder and the LLM reads all of them in one context. Without
-``max_new_tokens`` the budget scales with the duration (``AeroConfig`` documents the formula). The pipeline
-decodes one input at a time.
+Audio files are read with libsndfile (``soundfile``: WAV, FLAC, OGG, MP3, ...) and resampled with ``soxr``, and
+prompt and features are built by the export's :class:`AeroProcessor`, as aero_lightning's ``transcribe.py`` does,
+so both give the same text for the same file. The pipeline decodes one input at a time.
+
+Decoding follows ``transcribe.py`` (aero_lightning/eval/decode.py):
+
+- Without ``max_new_tokens`` the budget scales with the duration (``AeroConfig`` documents the formula).
+- The model's repetition guard (``AeroConfig.repetition_guard``; ``repetition_guard=False`` turns it off for a
+  call) stops a reply that loops; the output's ``stopped_by_repetition_guard`` says so.
+- A recording longer than one pass can hold (the LLM's context, at most ``AeroConfig.max_pass_s``) is cut into
+  chunks. ``chunk_length_s`` sets the chunk length (recordings longer than it are chunked) and ``stride_length_s``
+  the overlap on each side of a chunk, as in transformers' own ASR pipeline, whose chunk layout and merge rule
+  these are (aero_lightning/eval/chunking.py); their defaults are the export's ``chunk_s`` and ``stride_s``
+  (``stride_s``, not transformers' ``chunk_length_s / 6``, so that the same settings give ``transcribe.py``'s
+  chunks). Each chunk is decoded alone and the chunk texts are merged on their overlapping words.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import os
 
-import numpy as np
 import torch
 from transformers import Pipeline
 
 from aero_lightning.data.chat import encode_chat
+from aero_lightning.eval.chunking import max_pass_samples, merge_chunk_texts, plan_chunks
+from aero_lightning.hf.processing_aero import TARGET_RATE_HZ, AeroProcessor, read_audio
 
-try:  # optional at import time (transformers checks the imports of remote code); needed to read files
-    import soundfile
-    import soxr
-except ImportError:  # pragma: no cover - reported when a file is given
-    soundfile = soxr = None
-
-TARGET_RATE_HZ = 16000
-
-
-def _resample(wave: np.ndarray, rate: int) -> np.ndarray:
-    wave = np.asarray(wave, dtype=np.float32)
-    if wave.ndim == 2:  # (T, C) as soundfile returns it
-        wave = wave.mean(axis=1, dtype=np.float32)
-    if rate != TARGET_RATE_HZ and wave.size:
-        if soxr is None:
-            raise ImportError("resampling needs the 'soxr' package: pip install soxr")
-        wave = soxr.resample(wave, rate, TARGET_RATE_HZ).astype(np.float32, copy=False)
-    return np.ascontiguousarray(wave, dtype=np.float32)
-
-
-def read_audio(inputs) -> np.ndarray:
-    """A path, bytes, a 16 kHz array or ``{"raw"|"array": array, "sampling_rate": Hz}`` as 16 kHz mono float32.
-
-    Raises:
-        ValueError: if the input cannot be read as audio or holds no samples.
-    """
-    if isinstance(inputs, dict):
-        wave = inputs.get("raw", inputs.get("array"))
-        rate = inputs.get("sampling_rate")
-        if wave is None or rate is None:
-            raise ValueError("a dict input needs 'raw' (or 'array') and 'sampling_rate'")
-        wave = _resample(wave, int(rate))
-    elif isinstance(inputs, np.ndarray):
-        wave = _resample(inputs, TARGET_RATE_HZ)
-    elif isinstance(inputs, (str, os.PathLike, bytes, bytearray)):
-        if soundfile is None:
-            raise ImportError("reading audio files needs the 'soundfile' package: pip install soundfile")
-        source = io.BytesIO(inputs) if isinstance(inputs, (bytes, bytearray)) else str(inputs)
-        try:
-            data, rate = soundfile.read(source, dtype="float32", always_2d=True)  # (T, C)
-        except Exception as err:  # noqa: BLE001 - libsndfile raises several types
-            name = "<bytes>" if isinstance(inputs, (bytes, bytearray)) else str(inputs)
-            raise ValueError(f"{name}: not readable as audio ({type(err).__name__}: {err})") from err
-        wave = _resample(data, int(rate))
-    else:
-        raise ValueError(f"unsupported input type {type(inputs).__name__}; give a path, bytes, array or dict")
-    if wave.size == 0:
-        raise ValueError("the audio holds no samples")
-    return wave
+__all__ = ["AeroASRPipeline", "read_audio"]
 
 
 class AeroASRPipeline(Pipeline):
-    """Speech recognition with an exported Aero model: ``{"text": ...}`` per input."""
+    """Speech recognition with an exported Aero model: ``{"text", "stopped_by_repetition_guard"}`` per input."""
 
     _load_processor = False
     _load_image_processor = False
@@ -87,23 +49,59 @@ class AeroASRPipeline(Pipeline):
     _load_tokenizer = True
 
     def _sanitize_parameters(
-        self, prompt=None, max_new_tokens=None, num_beams=None, generate_kwargs=None, **kwargs
+        self,
+        prompt=None,
+        max_new_tokens=None,
+        num_beams=None,
+        generate_kwargs=None,
+        chunk_length_s=None,
+        stride_length_s=None,
+        repetition_guard=None,
+        **kwargs,
     ):
         if kwargs:
             raise ValueError(
                 f"unknown arguments {sorted(kwargs)}; pass generation arguments as generate_kwargs={{}}"
             )
-        preprocess = {"prompt": prompt} if prompt is not None else {}
+        preprocess = {}
+        if prompt is not None:
+            preprocess["prompt"] = prompt
+        if chunk_length_s is not None:
+            preprocess["chunk_length_s"] = float(chunk_length_s)
+        if stride_length_s is not None:
+            preprocess["stride_length_s"] = float(stride_length_s)
         forward = dict(generate_kwargs or {})
         if max_new_tokens is not None:
             forward["max_new_tokens"] = int(max_new_tokens)
+            preprocess["max_new_tokens"] = int(max_new_tokens)  # a fixed budget changes what one pass holds
         if num_beams is not None:
             forward["num_beams"] = int(num_beams)
-        return preprocess, forward, {}
+        postprocess = {}
+        if repetition_guard is not None:
+            forward["repetition_guard"] = repetition_guard
+            postprocess["repetition_guard"] = repetition_guard
+        return preprocess, forward, postprocess
 
-    def preprocess(self, inputs, prompt: str | None = None) -> dict:
-        wave = read_audio(inputs)
-        features = self.feature_extractor(wave, sampling_rate=TARGET_RATE_HZ, return_tensors="pt")
+    @property
+    def processor_(self) -> AeroProcessor:
+        """The export's processor over the pipeline's feature extractor and tokenizer."""
+        if getattr(self, "_aero_processor", None) is None:
+            config = self.model.config
+            self._aero_processor = AeroProcessor(
+                self.feature_extractor,
+                self.tokenizer,
+                asr_prompt=config.asr_prompt,
+                end_of_turn_token=config.end_of_turn_token,
+            )
+        return self._aero_processor
+
+    def _default_budget(self, duration_s: float) -> int:
+        c = self.model.config
+        scaled = c.base_new_tokens + math.ceil(duration_s * c.chars_per_second / c.chars_per_token)
+        return int(min(c.max_new_tokens_cap, max(1, scaled)))
+
+    def _chunk_samples(self, prompt: str | None, chunk_length_s: float | None, max_new_tokens: int | None):
+        """Samples per chunk: ``chunk_length_s`` (checked against what a pass holds) or the pass limit."""
         config = self.model.config
         messages = [
             {
@@ -111,32 +109,70 @@ class AeroASRPipeline(Pipeline):
                 "content": [{"type": "audio"}, {"type": "text", "text": prompt or config.asr_prompt}],
             }
         ]
-        encoded = encode_chat(
-            self.tokenizer,
-            messages,
-            [int(features["num_audio_tokens"][0])],
-            config.end_of_turn_token,
-            add_generation_prompt=True,
+        template = encode_chat(
+            self.tokenizer, messages, [1], config.end_of_turn_token, add_generation_prompt=True
         )
-        input_ids = torch.tensor([encoded.input_ids], dtype=torch.long)  # (1, L)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "input_features": features["input_features"],
-            "feature_lengths": features["feature_lengths"],
-            "duration_s": torch.tensor([wave.size / TARGET_RATE_HZ]),
-        }
+        limit = max_pass_samples(
+            getattr(config.text_config, "max_position_embeddings", None),
+            len(template.input_ids) - 1,  # the prompt without its one audio slot
+            self.feature_extractor.num_audio_tokens,
+            lambda n: max_new_tokens or self._default_budget(n / TARGET_RATE_HZ),
+            round(config.max_pass_s * TARGET_RATE_HZ) if config.max_pass_s is not None else None,
+        )
+        chunk_s = chunk_length_s if chunk_length_s is not None else config.chunk_s
+        if chunk_s is None:
+            return limit
+        chunk = round(chunk_s * TARGET_RATE_HZ)
+        if limit is not None and chunk > limit:
+            raise ValueError(
+                f"chunk_length_s={chunk_s} s is longer than one pass holds ({limit / TARGET_RATE_HZ:.1f} s with "
+                "this model's context, max_pass_s and token budget)"
+            )
+        return chunk
 
-    def _default_budget(self, duration_s: float) -> int:
-        c = self.model.config
-        scaled = c.base_new_tokens + math.ceil(duration_s * c.chars_per_second / c.chars_per_token)
-        return int(min(c.max_new_tokens_cap, max(1, scaled)))
+    def preprocess(
+        self,
+        inputs,
+        prompt: str | None = None,
+        chunk_length_s: float | None = None,
+        stride_length_s: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> dict:
+        wave = read_audio(inputs)
+        chunk = self._chunk_samples(prompt, chunk_length_s, max_new_tokens)
+        stride_s = stride_length_s if stride_length_s is not None else self.model.config.stride_s
+        spans = (
+            plan_chunks(wave.size, chunk, round(stride_s * TARGET_RATE_HZ))
+            if chunk is not None and wave.size > chunk
+            else [(0, wave.size)]
+        )
+        chunks = []
+        for start, end in spans:
+            piece = self.processor_(
+                audio={"raw": wave[start:end], "sampling_rate": TARGET_RATE_HZ}, text=prompt
+            )
+            chunks.append(dict(piece) | {"duration_s": torch.tensor([(end - start) / TARGET_RATE_HZ])})
+        return {"chunks": chunks}
 
     def _forward(self, model_inputs: dict, **generate_kwargs) -> dict:
-        duration_s = float(model_inputs.pop("duration_s")[0])
-        generate_kwargs.setdefault("max_new_tokens", self._default_budget(duration_s))
-        tokens = self.model.generate(**model_inputs, **generate_kwargs)  # (1, T_new)
+        tokens = []
+        for chunk in model_inputs["chunks"]:
+            chunk = dict(chunk)
+            duration_s = float(chunk.pop("duration_s")[0])
+            kwargs = dict(generate_kwargs)
+            kwargs.setdefault("max_new_tokens", self._default_budget(duration_s))
+            tokens.append(self.model.generate(**chunk, **kwargs)[0])  # (T_new,)
         return {"tokens": tokens}
 
-    def postprocess(self, model_outputs: dict) -> dict:
-        return {"text": self.tokenizer.decode(model_outputs["tokens"][0], skip_special_tokens=True).strip()}
+    def postprocess(self, model_outputs: dict, repetition_guard=None) -> dict:
+        guard = self.model.guard_settings(repetition_guard)
+        stops = set(self.model.config.stop_token_ids or [])
+        texts, stopped = [], False
+        for row in model_outputs["tokens"]:
+            row = row.tolist()
+            end = next((j for j, t in enumerate(row) if t in stops), None)
+            if guard is not None and guard.find_stop(row[:end] if end is not None else row) is not None:
+                stopped = True
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        text = texts[0] if len(texts) == 1 else merge_chunk_texts(texts)
+        return {"text": text, "stopped_by_repetition_guard": stopped}

@@ -1,5 +1,6 @@
 """The repetition guard: its rule on hand-made token sequences, the stopping criterion against that rule, and a real
-tiny model whose greedy reply loops, stopped and flagged by decode_waveforms and transcribe_files."""
+tiny model whose greedy reply loops, stopped and flagged by decode_waveforms, transcribe_files and the exported
+pipeline."""
 
 from __future__ import annotations
 
@@ -142,3 +143,19 @@ def test_transcribe_counts_and_flags_guard_stops(looping, tmp_path):
     (record,) = out["records"]
     assert record["stopped_by_repetition_guard"] is True and record["num_new_tokens"] == 40
     assert (out["stopped_by_repetition_guard"], out["budget_hit"], out["transcribed"]) == (1, 0, 1)
+
+
+def test_the_exported_pipeline_stops_and_flags_the_same_loop(looping, tmp_path):
+    from transformers import pipeline
+
+    from aero_lightning.hf.export import export
+
+    model, _ = looping
+    out = export(model, tmp_path / "hf", generation=GenerationOptions())
+    asr = pipeline("automatic-speech-recognition", model=str(out), trust_remote_code=True)
+    audio = {"raw": np.full(48_000, 0.05, dtype=np.float32), "sampling_rate": 16000}
+    assert asr(audio, max_new_tokens=200) == {"text": "the" * 40, "stopped_by_repetition_guard": True}
+    assert asr(audio, max_new_tokens=200, repetition_guard=False) == {
+        "text": "the" * 200,
+        "stopped_by_repetition_guard": False,
+    }

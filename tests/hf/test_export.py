@@ -42,9 +42,11 @@ def spy(*args, **kwargs):
     return tokens
 asr.model.generate = spy
 out = {
-    "greedy": [asr(f)["text"] for f in files],
+    "greedy": [asr(f, repetition_guard=False)["text"] for f in files],
     "one_token": [asr(f, max_new_tokens=1)["text"] for f in files],
     "beam": [asr(f, num_beams=3, max_new_tokens=6)["text"] for f in files],
+    "guarded": [asr(f) for f in files],
+    "chunked": [asr(f, chunk_length_s=20, stride_length_s=2) for f in files],
     "calls": calls,
     "aero_modules": sorted(m for m in sys.modules if m.startswith("aero_lightning")),
     "model_class": type(asr.model).__module__ + "." + type(asr.model).__name__,
@@ -101,13 +103,22 @@ def test_export_folder_contents(exported):
         "modeling_aero.py",
         "configuration_aero.py",
         "feature_extraction_aero.py",
+        "processing_aero.py",
         "pipeline_aero.py",
+        "processor_config.json",
+        "repetition_guard.py",
+        "chunking.py",
     } <= names
     for name, source in remote_code_files().items():
         assert name in names
         assert "from aero_lightning" not in source and "import aero_lightning" not in source
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_aero.AeroForConditionalGeneration"
+    assert config["auto_map"]["AutoProcessor"] == "processing_aero.AeroProcessor"
+    assert config["repetition_guard"] == {"max_ngram": 32, "min_repeats": 4, "min_tokens": 40}
+    assert (config["max_pass_s"], config["chunk_s"], config["stride_s"]) == (900.0, None, 5.0)
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert processor["auto_map"] == {"AutoProcessor": "processing_aero.AeroProcessor"}
     assert (
         config["custom_pipelines"]["automatic-speech-recognition"]["impl"] == "pipeline_aero.AeroASRPipeline"
     )
@@ -127,10 +138,27 @@ def test_pipeline_text_equals_transcribe_text(exported, tmp_path):
         result = transcribe_files(model, files, options=options, batch_size=1, progress=False)
         return [r["text"] for r in result["records"]]
 
-    assert child["greedy"] == texts(GenerationOptions())  # the same duration-scaled budget on both sides
+    # the same duration-scaled budget on both sides, without the repetition guard (it ends these random replies
+    # in the same one-token loop, compared below)
+    assert child["greedy"] == texts(GenerationOptions(repetition_guard=None))
     assert child["one_token"] == texts(GenerationOptions(max_new_tokens=1))
     assert child["beam"] == texts(GenerationOptions(num_beams=3, max_new_tokens=6))
-    greedy, one, beam = child["calls"][:3], child["calls"][3:6], child["calls"][6:]
+
+    def outputs(options: GenerationOptions) -> list[dict]:
+        result = transcribe_files(model, files, options=options, batch_size=1, progress=False)
+        return [
+            {"text": r["text"], "stopped_by_repetition_guard": r["stopped_by_repetition_guard"]}
+            for r in result["records"]
+        ]
+
+    # the repetition guard: the same stops and texts, flagged on both sides
+    assert child["guarded"] == outputs(GenerationOptions())
+    assert [g["stopped_by_repetition_guard"] for g in child["guarded"]] == [True] * 3
+    # chunk_length_s / stride_length_s: transcribe.py's chunks (the 40 s file in three, the others whole)
+    assert child["chunked"] == outputs(GenerationOptions(chunk_s=20, stride_s=2))
+    chunk_calls = child["calls"][12:]
+    assert len(chunk_calls) == 1 + 1 + 3  # one generate call per chunk
+    greedy, one, beam = child["calls"][:3], child["calls"][3:6], child["calls"][6:9]
     assert all(c[0] > 1 and c[1] == 1 for c in greedy)  # the duration-scaled default budget
     assert [c[:2] for c in one] == [[1, 1]] * 3 and all(c[2] <= 1 for c in one)  # at most one new token
     assert [c[:2] for c in beam] == [[6, 3]] * 3 and all(c[2] <= 6 for c in beam)
