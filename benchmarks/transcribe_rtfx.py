@@ -4,15 +4,19 @@ RTFx = seconds of audio / wall seconds of inference (log-mel, encoder, projector
 decoded), the Open ASR Leaderboard's speed figure. The same utterances of the demo test split are transcribed with
 each batch size through the path ``transcribe.py`` and ``eval.py`` use
 (:func:`aero_lightning.eval.decode.decode_waveforms`: length-sorted batches, greedy, duration-scaled budget,
-per-sample cut), after one warm-up batch at the start of the run. A last row decodes one long recording (the utterances joined) at batch 1:
-all its 30 s windows in one LLM context.
+per-sample cut, repetition guard), after one warm-up batch at the start of the run. The last rows decode long
+recordings (the utterances joined and repeated: 15 and 60 minutes by default) at batch 1. A recording longer than
+one pass holds (the LLM's context with the prompt and the budget: about 150 s for the demo model's 4096 positions;
+at most ``max_pass_s`` = 900 s) is decoded in overlapping chunks (``stride_s`` 5 s on each side) whose texts are
+merged, as ``transcribe.py`` does.
 
 An untrained model (the default: the demo encoder/LLM of ``make demo`` with a fresh projector, seed 0) rarely emits
-its end-of-turn token, so it decodes up to each sample's budget (``16 + duration x 25 chars/s / chars per token``):
-the table then measures budget-bound decoding, and the ``new tokens`` column says how many tokens each row
-generated. Pass ``--ckpt`` for a trained checkpoint.
+its end-of-turn token, so it decodes until the repetition guard stops a loop or up to each sample's budget
+(``16 + duration x 25 chars/s / chars per token``): the table then measures that decoding, and the ``new tokens``,
+``guard stops`` and ``budget hits`` columns say how each row ended. Pass ``--ckpt`` for a trained checkpoint.
 
-Run: ``python benchmarks/transcribe_rtfx.py [--ckpt PATH] [--samples 64] [--batch-sizes 1,8,32] [--long-s 900]``.
+Run: ``python benchmarks/transcribe_rtfx.py [--ckpt PATH] [--samples 64] [--batch-sizes 1,8,32]
+[--long-s 900,3600]``.
 Writes ``benchmarks/results/transcribe_rtfx.json``.
 """
 
@@ -28,12 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aero_lightning.data.chat import DEFAULT_ASR_PROMPT
 from aero_lightning.eval.benchmarks import get_benchmark
 from aero_lightning.eval.decode import (
     GenerationOptions,
     Stopwatch,
     chars_per_token,
     decode_waveforms,
+    pass_limit_samples,
     plan_decode_batches,
 )
 from aero_lightning.eval.sources import iter_items
@@ -61,7 +67,7 @@ def transcribe(
     """Decode ``waves`` in length-sorted batches of ``batch_size``; time the inference only."""
     watch = Stopwatch()
     texts = [""] * len(waves)
-    tokens = 0
+    tokens = chunks = guard_stops = budget_hits = 0
     batches = plan_decode_batches([len(w) / 16000 for w in waves], batch_size)
     with torch.no_grad():
         for batch in batches:
@@ -72,6 +78,9 @@ def transcribe(
             for i, r in zip(batch, results):
                 texts[i] = r.text
                 tokens += r.num_new_tokens
+                chunks += r.num_chunks
+                guard_stops += r.stopped_by_repetition_guard
+                budget_hits += r.budget_hit
     audio_s = sum(len(w) for w in waves) / 16000
     return {
         "batch_size": batch_size,
@@ -81,6 +90,9 @@ def transcribe(
         "rtfx": audio_s / watch.seconds,
         "new_tokens": tokens,
         "new_tokens_per_s": tokens / watch.seconds,
+        "chunks": chunks,
+        "guard_stops": guard_stops,
+        "budget_hits": budget_hits,
         "texts": texts,
     }
 
@@ -94,7 +106,9 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,8,32")
-    parser.add_argument("--long-s", type=float, default=900.0, help="long recording at batch 1 (0: none)")
+    parser.add_argument(
+        "--long-s", default="900,3600", help="long recordings at batch 1, seconds, comma-separated ('': none)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "transcribe_rtfx.json"))
     args = parser.parse_args()
     model = load_model(args.ckpt, device="cpu") if args.ckpt else demo_model(args.model)
@@ -115,26 +129,31 @@ def main() -> None:
     for r in rows:
         r["vs_batch_1"] = r["rtfx"] / base["rtfx"]
         r["same_text_as_batch_1"] = sum(a == b for a, b in zip(r["texts"], base["texts"]))
-    if args.long_s > 0:
-        joined = np.concatenate(waves)
-        reps = int(np.ceil(args.long_s * 16000 / len(joined)))
-        long_wave = np.tile(joined, reps)[: int(args.long_s * 16000)]
+    joined = np.concatenate(waves)
+    for long_s in [float(s) for s in args.long_s.split(",") if s.strip()]:
+        reps = int(np.ceil(long_s * 16000 / len(joined)))
+        long_wave = np.tile(joined, reps)[: int(long_s * 16000)]
+        start = time.perf_counter()
         row = transcribe(model, [long_wave], 1, options, cpt)
         row |= {
-            "name": f"one {args.long_s:.0f} s recording, batch 1",
+            "name": f"one {long_s / 60:.0f}-minute recording, batch 1",
             "vs_batch_1": row["rtfx"] / base["rtfx"],
+            "total_s": time.perf_counter() - start,
         }
         row["audio_tokens"] = model.audio_token_counter()(len(long_wave))
         rows.append(row)
+    pass_s = pass_limit_samples(model, DEFAULT_ASR_PROMPT, options, cpt) / 16000
     lines = [
-        "| run | audio s | wall s | RTFx | new tokens | tokens/s | vs batch 1 | same text as batch 1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | audio s | wall s | RTFx | new tokens | tokens/s | chunks | guard stops | budget hits | vs batch 1 "
+        "| same text as batch 1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         same = f"{r['same_text_as_batch_1']}/{r['files']}" if "same_text_as_batch_1" in r else "-"
         lines.append(
             f"| {r['name']} | {r['audio_s']:.1f} | {r['wall_s']:.2f} | {r['rtfx']:.1f} | {r['new_tokens']} | "
-            f"{r['new_tokens_per_s']:.0f} | {r['vs_batch_1']:.2f}x | {same} |"
+            f"{r['new_tokens_per_s']:.0f} | {r['chunks']} | {r['guard_stops']} | {r['budget_hits']} | "
+            f"{r['vs_batch_1']:.2f}x | {same} |"
         )
     table = "\n".join(lines)
     machine = (
@@ -142,14 +161,18 @@ def main() -> None:
     )
     source = args.ckpt or f"{args.model} (untrained projector, seed 0)"
     print(table)  # noqa: T201 - benchmark output
-    print(f"\nmodel {source}; budget 16 + duration x 25 chars/s / {cpt:.2f} chars per token; {machine}")  # noqa: T201
+    print(  # noqa: T201
+        f"\nmodel {source}; budget 16 + duration x 25 chars/s / {cpt:.2f} chars per token; one pass holds "
+        f"{pass_s:.1f} s; {machine}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in rows:
         r.pop("texts", None)
     out.write_text(
         json.dumps({"script": "benchmarks/transcribe_rtfx.py", "args": vars(args), "model": source,
-                    "chars_per_token": cpt, "machine": machine, "rows": rows, "table": table}, indent=2) + "\n"
+                    "chars_per_token": cpt, "pass_limit_s": pass_s, "machine": machine, "rows": rows,
+                    "table": table}, indent=2) + "\n"
     )  # fmt: skip
 
 
