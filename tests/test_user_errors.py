@@ -49,7 +49,7 @@ def _one_error_line(stderr: str) -> str:
          "{tmp}/no_such_run does not exist; give a Lightning .ckpt, a training run folder (with checkpoints/last.ckpt) "
          "or a folder written by save_pretrained"),
         ("eval.py", ("ckpt={tmp}", "benchmark=librispeech_test_cleen"), "error: unknown benchmark "
-         "'librispeech_test_cleen'; known: air_bench_foundation, "),
+         "'librispeech_test_cleen'; known: air_bench_chat, "),
         ("eval.py", ("benchmark.demo.source={tmp}/items.jsonl",), "error: ckpt= is required (e.g. ckpt=PATH); see "
          "--help"),
         ("eval.py", ("ckpt={tmp}/no_such_run", "benchmark.demo.source={tmp}/no_such_set"), "error: benchmark source "
@@ -102,7 +102,7 @@ def test_group_overrides_are_checked_against_the_config_folders(capsys):
     )
     check_group_overrides(CONF, ["benchmark=[ami,tedlium]", "benchmark.ami.source=x", "hydra.run.dir=y"])
     for argv, message in [
-        (["benchmark=[ami,tedlum]"], "error: unknown benchmark 'tedlum'; known: air_bench_foundation, "),
+        (["benchmark=[ami,tedlum]"], "error: unknown benchmark 'tedlum'; known: air_bench_chat, "),
         (["model/encoder=whisper_tiny"], "error: unknown model.encoder 'whisper_tiny'; known: demo_tiny, "),
         (["-m", "strategy=ddp,zero9"], "error: unknown strategy 'zero9'; known: auto, ddp, "),
     ]:

@@ -254,10 +254,25 @@ class _StepProgress(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _is_clip_list(waveform) -> bool:
+    return isinstance(waveform, (list, tuple)) and all(isinstance(c, np.ndarray) for c in waveform)
+
+
+def _clips(waveform) -> list[np.ndarray]:
+    """The clips of one input: a waveform, or a list of clips (a conversation with several)."""
+    if _is_clip_list(waveform):
+        return [np.asarray(c, dtype=np.float32) for c in waveform]
+    return [np.asarray(waveform, dtype=np.float32)]
+
+
+def _num_samples(waveform) -> int:
+    return sum(len(c) for c in _clips(waveform))
+
+
 def _decode_pass(
     model,
-    waveforms: Sequence[np.ndarray],
-    prompts: Sequence[str],
+    waveforms: Sequence,
+    prompts: Sequence,
     options: GenerationOptions,
     cpt: float,
     synced_gpus: bool,
@@ -266,7 +281,11 @@ def _decode_pass(
     """One ``generate`` call over ``waveforms`` (each in one LLM context); see :func:`decode_waveforms`."""
     tok = model.tokenizer
     samples = [
-        {"key": str(i), "waveform": np.asarray(w, dtype=np.float32), "messages": user_messages(p)}
+        {
+            "key": str(i),
+            "waveforms": _clips(w),
+            "messages": user_messages(p) if isinstance(p, str) else list(p),
+        }
         for i, (w, p) in enumerate(zip(waveforms, prompts))
     ]
     collate = AsrCollator(
@@ -275,11 +294,13 @@ def _decode_pass(
     batch = collate(samples)
     device, dtype = _model_device_dtype(model)
     # the files' float audio at full precision (training batches carry 16-bit PCM, which is what the shards hold)
-    windows, window_lengths = float_windows([s["waveform"] for s in samples], model.audio_token_counter())
+    windows, window_lengths = float_windows(
+        [c for s in samples for c in s["waveforms"]], model.audio_token_counter()
+    )
     features, feature_lengths = model.compute_features(
         windows.to(device), window_lengths.to(device)
     )  # (W, n_mels, T), (W,)
-    budgets = [options.budget(len(w) / SAMPLE_RATE_HZ, cpt) for w in waveforms]
+    budgets = [options.budget(_num_samples(w) / SAMPLE_RATE_HZ, cpt) for w in waveforms]
     criteria = StoppingCriteriaList()
     guard = options.repetition_guard
     if guard is not None:
@@ -318,8 +339,8 @@ def _decode_pass(
 @torch.no_grad()
 def decode_waveforms(
     model,
-    waveforms: Sequence[np.ndarray],
-    prompts: str | Sequence[str] = DEFAULT_ASR_PROMPT,
+    waveforms: Sequence,
+    prompts: str | Sequence = DEFAULT_ASR_PROMPT,
     options: GenerationOptions | None = None,
     tokenizer_chars_per_token: float | None = None,
     synced_gpus: bool = False,
@@ -335,8 +356,11 @@ def decode_waveforms(
     Args:
         model: an :class:`~aero_lightning.model.aero.AeroModel` (eval mode is the caller's choice).
         waveforms: ``(T_i,)`` float32 arrays at 16 kHz; up to the pass limit in one LLM context, longer ones in
-            chunks.
-        prompts: the instruction after the audio, one for all or one per waveform.
+            chunks. An entry may instead be a list of clips, for a prompt (chat messages) with several audio parts.
+        prompts: the instruction after the audio, one for all or one per waveform; an entry may instead be a
+            conversation's chat messages (the sample's own question or instruction, every audio part, earlier
+            turns; :func:`aero_lightning.data.chat.prompt_messages` of a prepared sample), decoded in one pass
+            and never chunked.
         options: :class:`GenerationOptions` (defaults: greedy, scaled budget, repetition guard, 900 s passes).
         tokenizer_chars_per_token: cached :func:`chars_per_token` of the model's tokenizer (computed when None).
         synced_gpus: keep generating until every rank is done (needed when parameters are sharded across ranks,
@@ -361,12 +385,15 @@ def decode_waveforms(
     if not waveforms:
         return []
     for i, w in enumerate(waveforms):
-        if len(w) == 0:
+        if _num_samples(w) == 0:
             raise ValueError(f"waveform {i} is empty")
     cpt = tokenizer_chars_per_token or chars_per_token(model.tokenizer)
     limits: dict[str, int | None] = {}  # prompt -> pass limit in samples
     plans: list[list[tuple[int, int]] | None] = []  # chunks of each waveform; None: one pass
     for w, prompt in zip(waveforms, prompts):
+        if not isinstance(prompt, str) or _is_clip_list(w):
+            plans.append(None)  # a conversation's own messages: one pass, as it was trained
+            continue
         if prompt not in limits:
             limits[prompt] = pass_limit_samples(model, prompt, options, cpt)
         limit = limits[prompt]
@@ -393,7 +420,9 @@ def decode_waveforms(
     whole = [i for i, plan in enumerate(plans) if plan is None]
     bar = None
     if progress_desc is not None:
-        total = max((options.budget(len(waveforms[i]) / SAMPLE_RATE_HZ, cpt) for i in whole), default=0)
+        total = max(
+            (options.budget(_num_samples(waveforms[i]) / SAMPLE_RATE_HZ, cpt) for i in whole), default=0
+        )
         total += sum(
             options.budget((end - start) / SAMPLE_RATE_HZ, cpt)
             for plan in plans

@@ -10,9 +10,17 @@ Sources (``source`` in a benchmark's config; None = the registry's HF dataset):
   (:func:`aero_lightning.data.shard_reader.iter_samples`: the same audio members, checks and reject reasons, and a
   truncated shard is counted); the reference is the sample's assistant text;
 - a LibriSpeech-layout folder (``*.trans.txt`` + ``*.flac``): utterances, or chapters for long-form benchmarks;
-- a JSON Lines manifest (``.jsonl``): one object per sample, ``{"audio": path, "text": ...}`` for ASR or
-  ``{"audio", "question", "choices": [...], "answer": text|letter|index, "group"}`` for multiple choice; audio paths
-  are relative to the manifest's folder. Optional ``"id"``.
+- a JSON Lines manifest (``.jsonl``): one object per sample, ``{"audio": path, "text": ...}`` for ASR,
+  ``{"audio", "question", "choices": [...], "answer": text|letter|index, "group"}`` for multiple choice, or
+  ``{"audio", "answer": text or [texts], "question", "context", "group"}`` for the open tasks (``caption``,
+  ``aqa``, ``classify``, ``instruct``; the reference may also be given as ``references``, ``captions``, ``label``
+  or ``text``, and ``question`` is optional); audio paths are relative to the manifest's folder. Optional ``"id"``.
+
+Prepared shards of an open task are decoded with each sample's own prompt messages (its question or instruction,
+every audio clip, earlier turns) and scored against its last assistant turn; consecutive caption samples
+``<key>_c1``, ``<key>_c2``, ... (one per reference caption, as corpus preparation writes them) are joined back into
+one item with all their references. An HF dataset with one reference per row is joined by its ``group_by`` column
+(:class:`~aero_lightning.eval.benchmarks.BenchmarkSpec`).
 
 HF audio columns are read undecoded (``Audio(decode=False)``) and decoded with libsndfile, then resampled to 16 kHz
 with soxr. A sample whose audio cannot be read, whose text is missing or whose answer is not among its options is
@@ -35,11 +43,11 @@ from typing import Any
 import numpy as np
 
 from aero_lightning.data.audio_io import AudioReadError, load_audio, to_mono_16k
-from aero_lightning.data.chat import reference_text
+from aero_lightning.data.chat import prompt_messages, reference_text
 from aero_lightning.data.features import SAMPLE_RATE_HZ
 from aero_lightning.data.readers import read_librispeech_folder
 from aero_lightning.data.rejects import RejectCounter
-from aero_lightning.eval.benchmarks import BenchmarkSpec
+from aero_lightning.eval.benchmarks import OPEN_TASKS, BenchmarkSpec
 from aero_lightning.eval.longform import (
     join_waveforms,
     librispeech_chapters,
@@ -49,7 +57,7 @@ from aero_lightning.eval.longform import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalItem", "detect_format", "iter_items", "source_size"]
+__all__ = ["EvalItem", "detect_format", "iter_items", "iter_shard_items", "source_size"]
 
 TEXT_FALLBACKS = ("text", "sentence", "normalized_text", "transcript", "transcription")
 """Transcript columns tried in order when the configured one is absent (the leaderboard's ``get_text``)."""
@@ -66,6 +74,13 @@ class EvalItem:
         waveform: ``(T,)`` float32 at 16 kHz.
         reference: transcript (ASR).
         question, choices, answer, group: multiple-choice fields (``answer`` is the 0-based correct option).
+        references: open tasks: the accepted captions / answers / labels.
+        context: the audio description an LLM judge reads (AIR-Bench's ``meta_info``).
+        task: the sample's own task (prepared shards), else "".
+        messages: the prompt messages to decode with (prepared shards of an open task), else None: the prompt is
+            built from ``question`` and the benchmark's instruction.
+        clips: every audio clip of the sample, in order, when it has several (``waveform`` is then the first).
+        num_rows: source samples this item stands for (several when rows with one reference each are joined).
     """
 
     key: str
@@ -75,9 +90,17 @@ class EvalItem:
     choices: tuple[str, ...] = ()
     answer: int = -1
     group: str = ""
+    references: tuple[str, ...] = ()
+    context: str = ""
+    task: str = ""
+    messages: list | None = None
+    clips: tuple[np.ndarray, ...] | None = None
+    num_rows: int = 1
 
     @property
     def duration_s(self) -> float:
+        if self.clips:
+            return sum(len(c) for c in self.clips) / SAMPLE_RATE_HZ
         return len(self.waveform) / SAMPLE_RATE_HZ
 
 
@@ -161,6 +184,40 @@ def _choice_item(key, wave, row, spec, cols, rejects: RejectCounter) -> EvalItem
     return EvalItem(key, wave, question=question, choices=tuple(choices), answer=answer, group=group)
 
 
+REFERENCE_FIELDS = ("answer", "references", "captions", "label", "text")
+"""JSON Lines fields tried in order for an open task's reference(s)."""
+
+
+def _as_references(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, (list, tuple, np.ndarray)):
+        value = [value]
+    return tuple(str(v).strip() for v in value if v is not None and str(v).strip())
+
+
+def _open_item(key, wave, row, spec: BenchmarkSpec, cols: Mapping[str, str], rejects) -> EvalItem | None:
+    if spec.reference_columns:
+        refs = tuple(r for c in spec.reference_columns for r in _as_references(row.get(c)))
+    elif "answer" in cols:
+        refs = _as_references(row.get(cols["answer"]))
+    else:  # a JSON Lines row: the first reference field it has
+        refs = _as_references(next((row[f] for f in REFERENCE_FIELDS if row.get(f) is not None), None))
+    if not refs:
+        rejects.reject("missing_text", key)
+        return None
+    return EvalItem(
+        key,
+        wave,
+        question=str(row.get(cols.get("question", "question")) or "").strip(),
+        group=str(row.get(cols.get("group", "group")) or ""),
+        references=refs,
+        context=str(row.get(cols.get("context", "context")) or "").strip(),
+    )
+
+
 def _asr_item(key, wave, text, rejects: RejectCounter) -> EvalItem | None:
     if text is None:
         rejects.reject("missing_text", key)
@@ -174,13 +231,116 @@ def _asr_item(key, wave, text, rejects: RejectCounter) -> EvalItem | None:
 def _iter_shards(folder: Path, spec: BenchmarkSpec, rejects: RejectCounter) -> Iterator[EvalItem]:
     from aero_lightning.data.shard_reader import iter_samples, resolve_split, shard_sample_counts
 
-    if spec.task != "asr":
+    if spec.task == "choice":
         raise ValueError(
-            f"{spec.name}: prepared shards hold ASR samples; a {spec.task} benchmark needs .jsonl or HF"
+            f"{spec.name}: prepared shards hold no answer options; a choice benchmark needs .jsonl or HF"
         )
     urls = resolve_split(folder)
-    for sample in iter_samples(urls, rejects, expected_samples=shard_sample_counts(folder)):
-        yield EvalItem(sample["key"], sample["waveform"], reference=reference_text(sample["messages"]))
+    samples = iter_samples(urls, rejects, expected_samples=shard_sample_counts(folder))
+    if spec.task == "asr":
+        for sample in samples:
+            yield EvalItem(sample["key"], sample["waveform"], reference=reference_text(sample["messages"]))
+        return
+    pending: list[dict] = []  # consecutive samples of one clip's captions (<key>_c1, <key>_c2, ...)
+    for sample in samples:
+        stem = _caption_stem(sample["key"]) if spec.task == "caption" else None
+        if pending and (stem is None or stem != _caption_stem(pending[0]["key"])):
+            yield _shard_open_item(pending, spec.task == "caption")
+            pending = []
+        pending.append(sample)
+        if stem is None:
+            yield _shard_open_item(pending, spec.task == "caption")
+            pending = []
+    if pending:
+        yield _shard_open_item(pending, spec.task == "caption")
+
+
+def iter_shard_items(
+    folder: str | os.PathLike, rejects: RejectCounter | None = None, max_items: int | None = None
+) -> Iterator[EvalItem]:
+    """Items of a prepared split whose samples may be of any task (a validation set), each with its ``task``.
+
+    ASR samples become ASR items (``reference``: the transcript); the others are decoded with their own prompt
+    messages and scored against their last assistant turn, and consecutive caption samples ``<key>_c<i>`` of one
+    clip are one item, as for a benchmark of that task (:func:`iter_items`).
+
+    Args:
+        folder: a prepared split folder.
+        rejects: receives skipped samples and damaged shards by reason (a fresh counter when None).
+        max_items: stop after this many items.
+
+    Yields:
+        :class:`EvalItem` with ``task`` set, in shard order.
+    """
+    from aero_lightning.data.shard_reader import iter_samples, resolve_split, shard_sample_counts
+
+    rejects = rejects if rejects is not None else RejectCounter()
+    samples = iter_samples(resolve_split(folder), rejects, expected_samples=shard_sample_counts(folder))
+    count = 0
+    pending: list[dict] = []
+
+    def emit(group: list[dict]) -> EvalItem:
+        task = str(group[0].get("task") or "asr")
+        if task == "asr":
+            s = group[0]
+            return EvalItem(s["key"], s["waveform"], reference=reference_text(s["messages"]), task="asr")
+        return _shard_open_item(group, task == "caption")
+
+    for sample in samples:
+        task = str(sample.get("task") or "asr")
+        stem = _caption_stem(sample["key"]) if task == "caption" else None
+        if pending and (stem is None or stem != _caption_stem(pending[0]["key"])):
+            yield emit(pending)
+            pending = []
+            count += 1
+            if max_items is not None and count >= max_items:
+                return
+        pending.append(sample)
+        if stem is None:
+            yield emit(pending)
+            pending = []
+            count += 1
+            if max_items is not None and count >= max_items:
+                return
+    if pending:
+        yield emit(pending)
+
+
+_CAPTION_KEY = re.compile(r"^(.*)_c\d+$")
+
+
+def _caption_stem(key: str) -> str | None:
+    m = _CAPTION_KEY.match(key)
+    return m.group(1) if m else None
+
+
+def _last_user_text(messages) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, str):
+                return c.strip()
+            return " ".join(p.get("text", "") for p in c or [] if p.get("type") == "text").strip()
+    return ""
+
+
+def _shard_open_item(samples: list[dict], caption: bool) -> EvalItem:
+    """One item from a shard sample, or from the consecutive caption samples of one clip (``caption``: keyed by
+    the clip, without the ``_c<i>`` suffix)."""
+    first = samples[0]
+    key = (_caption_stem(first["key"]) or first["key"]) if caption else first["key"]
+    clips = tuple(first["waveforms"])
+    prompt = prompt_messages(first["messages"])
+    return EvalItem(
+        key,
+        clips[0] if clips else np.zeros(0, dtype=np.float32),
+        question=_last_user_text(prompt),
+        references=tuple(reference_text(s["messages"]).strip() for s in samples),
+        task=str(first.get("task") or ""),
+        messages=prompt,
+        clips=clips if len(clips) != 1 else None,
+        num_rows=len(samples),
+    )
 
 
 def _iter_jsonl(path: Path, spec: BenchmarkSpec, rejects: RejectCounter) -> Iterator[EvalItem]:
@@ -204,11 +364,12 @@ def _iter_jsonl(path: Path, spec: BenchmarkSpec, rejects: RejectCounter) -> Iter
                 rejects.reject("unreadable_audio", key, str(err))
                 continue
             cols = {"question": "question", "choices": "choices", "answer": "answer", "group": "group"}
-            item = (
-                _asr_item(key, wave, row.get("text"), rejects)
-                if spec.task == "asr"
-                else _choice_item(key, wave, row, spec, cols, rejects)
-            )
+            if spec.task == "asr":
+                item = _asr_item(key, wave, row.get("text"), rejects)
+            elif spec.task == "choice":
+                item = _choice_item(key, wave, row, spec, cols, rejects)
+            else:
+                item = _open_item(key, wave, row, spec, {"question": "question", "group": "group"}, rejects)
             if item is not None:
                 yield item
 
@@ -296,6 +457,9 @@ def _iter_hf(dataset, spec: BenchmarkSpec, rejects: RejectCounter) -> Iterator[E
     if spec.longform == "librispeech_chapter":
         yield from _iter_hf_chapters(dataset, spec, cols, rejects)
         return
+    if spec.task in OPEN_TASKS and cols.get("group_by"):
+        yield from _iter_hf_grouped(dataset, spec, cols, rejects)
+        return
     for n, row in enumerate(dataset):
         key = str(row.get(cols.get("id", "id")) or f"{spec.name}-{n:06d}")
         try:
@@ -306,13 +470,55 @@ def _iter_hf(dataset, spec: BenchmarkSpec, rejects: RejectCounter) -> Iterator[E
         if wave.size == 0:
             rejects.reject("empty_audio", key)
             continue
-        item = (
-            _asr_item(key, wave, row.get(cols["text"]), rejects)
-            if spec.task == "asr"
-            else _choice_item(key, wave, row, spec, cols, rejects)
-        )
+        if spec.task == "asr":
+            item = _asr_item(key, wave, row.get(cols["text"]), rejects)
+        elif spec.task == "choice":
+            item = _choice_item(key, wave, row, spec, cols, rejects)
+        else:
+            item = _open_item(key, wave, row, spec, cols, rejects)
         if item is not None:
             yield item
+
+
+def _iter_hf_grouped(
+    dataset, spec: BenchmarkSpec, cols: Mapping[str, str], rejects: RejectCounter
+) -> Iterator[EvalItem]:
+    """Rows that share ``group_by`` as one item (first-appearance order): the first row's audio, every row's
+    reference in row order. Only the metadata columns are read for the grouping."""
+    if not hasattr(dataset, "select_columns") or not hasattr(dataset, "__getitem__"):
+        raise ValueError(
+            f"{spec.name}: joining rows by {cols['group_by']} needs a map-style dataset (streaming=false)"
+        )
+    meta = dataset.select_columns([cols["group_by"], cols["answer"]])
+    groups: dict[str, list[int]] = {}
+    refs: dict[str, list[str]] = {}
+    for i, row in enumerate(meta):
+        value = str(row[cols["group_by"]])
+        groups.setdefault(value, []).append(i)
+        refs.setdefault(value, []).extend(_as_references(row[cols["answer"]]))
+    for value, rows in groups.items():
+        first = dataset[rows[0]]
+        key = str(first.get(cols.get("id", "id")) or value)
+        try:
+            wave = _hf_wave(first[cols["audio"]])
+        except AudioReadError as err:
+            rejects.reject("unreadable_audio", key, str(err), count=len(rows))
+            continue
+        if wave.size == 0:
+            rejects.reject("empty_audio", key, count=len(rows))
+            continue
+        if not refs[value]:
+            rejects.reject("missing_text", key, count=len(rows))
+            continue
+        yield EvalItem(
+            key,
+            wave,
+            question=str(first.get(cols.get("question", "question")) or "").strip(),
+            group=str(first.get(cols.get("group", "group")) or ""),
+            references=tuple(refs[value]),
+            context=str(first.get(cols.get("context", "context")) or "").strip(),
+            num_rows=len(rows),
+        )
 
 
 def _iter_hf_chapters(

@@ -7,7 +7,11 @@ sorted by length, decoded in batches (:func:`aero_lightning.eval.decode.decode_w
   sides, samples whose normalised reference is empty (or TED-LIUM's ignore marker) dropped *before* decoding, as the
   leaderboard filters its datasets, S + D + I pooled over the dataset, and the unweighted mean over datasets;
   plus hallucination loops (:mod:`aero_lightning.metrics.repetition`) and the insertion rate;
-- multiple choice as accuracy (:mod:`aero_lightning.metrics.choice`).
+- multiple choice as accuracy (:mod:`aero_lightning.metrics.choice`);
+- the open tasks (:mod:`aero_lightning.metrics.tasks`): captions with the COCO caption metrics (CIDEr-D, BLEU,
+  METEOR, ROUGE-L; SPICE / SPIDEr / FENSE reported as unavailable with the reason where they cannot run), audio QA
+  and instructions with exact match and token F1 (plus the LLM judge, ``judge.enabled``, for the benchmarks it is
+  meant for), classification with label accuracy.
 
 RTFx = audio seconds / inference wall seconds, where inference is prompt building, log-mel, encoder, projector and
 generation (CUDA-synchronised); reading and decoding audio files is excluded, as the leaderboard times the model
@@ -24,10 +28,12 @@ reported apart (``damaged_shards``): a shard is not a sample, and the samples it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from aero_lightning.data.rejects import RejectCounter
-from aero_lightning.eval.benchmarks import CHOICE_INSTRUCTION, BenchmarkSpec, get_benchmark
+from aero_lightning.errors import UserValueError
+from aero_lightning.eval.benchmarks import CHOICE_INSTRUCTION, OPEN_TASKS, BenchmarkSpec, spec_from_options
 from aero_lightning.eval.decode import (
     GenerationOptions,
     Stopwatch,
@@ -44,8 +51,11 @@ from aero_lightning.eval.decode import (
     plan_decode_batches,
 )
 from aero_lightning.eval.sources import EvalItem, detect_format, iter_items, source_size
+from aero_lightning.metrics.caption import DEFAULT_CAPTION_METRICS
 from aero_lightning.metrics.choice import choice_accuracy, format_choices
+from aero_lightning.metrics.judge import JudgeConfig, JudgeItem, LLMJudge
 from aero_lightning.metrics.repetition import repetition_stats
+from aero_lightning.metrics.tasks import headline_metric, score_open_task
 from aero_lightning.metrics.wer import WERResult, corpus_wer, is_scored_reference, mean_wer, normalize_english
 from aero_lightning.model.build import load_model
 from aero_lightning.progress import Progress
@@ -100,6 +110,8 @@ def run_benchmark(
     buffer_size: int = 256,
     repetition: Mapping[str, Any] | None = None,
     progress: bool = True,
+    judge: LLMJudge | None = None,
+    caption_metrics: Sequence[str] = DEFAULT_CAPTION_METRICS,
 ) -> dict[str, Any]:
     """Decode and score one benchmark; write ``out_dir/predictions/<name>.jsonl`` and ``<name>.skipped.jsonl``.
 
@@ -117,6 +129,8 @@ def run_benchmark(
         progress: show progress (:class:`~aero_lightning.progress.Progress`: a bar on a terminal, a log line every
             30 s otherwise), with the source's size as the total when it is known
             (:func:`~aero_lightning.eval.sources.source_size`, or ``max_samples``).
+        judge: an LLM judge for open-ended answers (``aqa`` / ``instruct`` benchmarks), or None.
+        caption_metrics: caption metric names (:data:`~aero_lightning.metrics.caption.CAPTION_METRICS`).
 
     Returns:
         The benchmark's summary dict (see :func:`evaluate`).
@@ -129,6 +143,7 @@ def run_benchmark(
     cpt = chars_per_token(model.tokenizer)
     watch = Stopwatch(next(model.parameters()).device)
     records: list[dict[str, Any]] = []
+    rows = 0  # source samples behind the records (several for an item joined from one-reference rows)
     dropped: list[str] = []  # keys of ASR samples whose normalised reference is empty
     order: list[int] = []  # source position of each record
     seen = 0
@@ -147,14 +162,21 @@ def run_benchmark(
             buffer = [buffer[i] for i in keep]
             positions = [positions[i] for i in keep]
             prompts = [instruction] * len(buffer)
-        else:
+        elif spec.task == "choice":
             prompts = [format_choices(i.question, i.choices, instruction) for i in buffer]
+        else:  # a prepared sample's own messages, else the question followed by the post-prompt (lmms-eval)
+            prompts = [
+                i.messages
+                if i.messages is not None
+                else (i.question + instruction if i.question else instruction)
+                for i in buffer
+            ]
         for batch in plan_decode_batches([i.duration_s for i in buffer], batch_size, max_batch_audio_s):
             long_alone = len(batch) == 1 and buffer[batch[0]].duration_s >= LONG_ITEM_PROGRESS_S
             with watch:
                 results = decode_waveforms(
                     model,
-                    [buffer[j].waveform for j in batch],
+                    [list(buffer[j].clips) if buffer[j].clips else buffer[j].waveform for j in batch],
                     [prompts[j] for j in batch],
                     options,
                     tokenizer_chars_per_token=cpt,
@@ -165,6 +187,17 @@ def run_benchmark(
                 record: dict[str, Any] = {"key": item.key, "duration_s": round(item.duration_s, 3)}
                 if spec.task == "asr":
                     record |= {"reference": item.reference, "hypothesis": res.text}
+                elif spec.task in OPEN_TASKS:
+                    record |= {
+                        "question": item.question,
+                        "references": list(item.references),
+                        "group": item.group,
+                        "reply": res.text,
+                    }
+                    if item.context:
+                        record["context"] = item.context
+                    if item.task:
+                        record["task"] = item.task
                 else:
                     record |= {
                         "question": item.question,
@@ -180,17 +213,18 @@ def run_benchmark(
                     "num_chunks": res.num_chunks,
                 }
                 records.append(record)
+                rows += item.num_rows
                 order.append(positions[j])
-            done = len(records) + len(dropped) + (0 if capped else rejects.samples())
+            done = rows + len(dropped) + (0 if capped else rejects.samples())
             bar.update(done - accounted)
             accounted = done
-    done = len(records) + len(dropped) + (0 if capped else rejects.samples())
+    done = rows + len(dropped) + (0 if capped else rejects.samples())
     bar.update(done - accounted)  # samples skipped or dropped after the last batch
     bar.close()
     records = [records[i] for i in sorted(range(len(records)), key=order.__getitem__)]  # source order
     audio_s = sum(r["duration_s"] for r in records)
     skipped = {k: v for k, v in sorted(rejects.items()) if k not in SHARD_REASONS}
-    read = len(records) + len(dropped) + sum(skipped.values())
+    read = rows + len(dropped) + sum(skipped.values())
     result: dict[str, Any] = {
         "task": spec.task,
         "description": spec.description,
@@ -200,7 +234,7 @@ def run_benchmark(
         "damaged_shards": {k: v for k, v in sorted(rejects.items()) if k in SHARD_REASONS},
         "accounting": {
             "source_samples": size,
-            "scored": len(records),
+            "scored": rows,
             "dropped_empty_reference": len(dropped),
             "skipped": sum(skipped.values()),
             "read": read,
@@ -230,6 +264,8 @@ def run_benchmark(
             "insertion_rate": wer.insertions / wer.num_ref_words if wer.num_ref_words else None,
             "repetition": {k: v for k, v in rep.to_dict().items() if k != "loop_indices"},
         }
+    elif spec.task in OPEN_TASKS:
+        result |= _score_open(spec, records, judge, caption_metrics)
     else:
         acc = choice_accuracy(
             [r["reply"] for r in records],
@@ -261,12 +297,53 @@ def run_benchmark(
             "%s: %d samples accounted for (scored %d, dropped %d, skipped %d) but the source lists %d",
             name,
             read,
-            len(records),
+            rows,
             len(dropped),
             sum(skipped.values()),
             size,
         )
     return result
+
+
+def _score_open(
+    spec: BenchmarkSpec, records: list[dict[str, Any]], judge: LLMJudge | None, caption_metrics: Sequence[str]
+) -> dict[str, Any]:
+    """Scores of an open-task benchmark (:func:`~aero_lightning.metrics.tasks.score_open_task`), the LLM judge's
+    when it runs, and per-record scores written into ``records``."""
+    replies = [r["reply"] for r in records]
+    scores, per_item = score_open_task(
+        spec.task,
+        replies,
+        [r["references"] for r in records],
+        labels=spec.labels or None,
+        groups=[r["group"] for r in records],
+        caption_metrics=caption_metrics,
+    )
+    for name, values in per_item.items():
+        for r, value in zip(records, values):
+            r[name] = value
+    out: dict[str, Any] = {
+        **scores,
+        "exact_match_percent": round(100 * scores["exact_match"], 3) if records else None,
+        "f1_percent": round(100 * scores["f1"], 3) if records else None,
+    }
+    if spec.task == "classify":
+        out["accuracy_percent"] = round(100 * scores["accuracy"], 3) if records else None
+    if judge is not None and spec.judge and records:
+        verdict = judge.judge(
+            [JudgeItem(r["question"], r["references"][0], r["reply"], r.get("context", "")) for r in records]
+        )
+        for r, score, texts in zip(records, verdict.per_item, verdict.verdicts):
+            r["judge_score"] = score
+            r["judge_verdicts"] = list(texts)
+        out["judge"] = verdict.to_dict()
+    elif spec.judge:
+        out["judge"] = None  # an LLM-judged benchmark without the judge: token F1 and exact match only
+    name, value = headline_metric(spec.task, scores)
+    if out.get("judge") and out["judge"]["num_judged"]:
+        name, value = "judge_score", out["judge"]["score"]
+    out["headline"] = {"metric": name, "value": None if math.isnan(value) else value}
+    return out
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -285,10 +362,11 @@ def _skipped(r: Mapping[str, Any]) -> str:
 
 
 def markdown_summary(summary: Mapping[str, Any]) -> str:
-    """The summary as markdown tables (ASR, then multiple choice)."""
+    """The summary as markdown tables (ASR, multiple choice, then the open tasks)."""
     benches = summary["benchmarks"]
     asr = {k: v for k, v in benches.items() if v["task"] == "asr"}
     choice = {k: v for k, v in benches.items() if v["task"] == "choice"}
+    open_tasks = {k: v for k, v in benches.items() if v["task"] in OPEN_TASKS}
     lines = []
     if asr:
         lines += [
@@ -322,6 +400,43 @@ def markdown_summary(summary: Mapping[str, Any]) -> str:
                 f"| {name} | {r['num_items']} | {_skipped(r)} | {_fmt(r.get('accuracy_percent'))} | "
                 f"{r['num_unparsed']} | {_fmt(r['rtfx'], 1)} |"
             )
+    if open_tasks:
+        if lines:
+            lines.append("")
+        lines += [
+            "| benchmark | task | items | skipped | metric | score | exact match % | token F1 % | judge (1-10) "
+            "| RTFx |",
+            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        unavailable: dict[str, str] = {}
+        for name, r in open_tasks.items():
+            head = r["headline"]
+            value = head["value"]
+            if value is not None and head["metric"] in ("accuracy", "f1", "exact_match"):
+                value = 100 * value  # shown in %, like the other columns
+            judge = r.get("judge")
+            if "judge" in r and judge is None:
+                judged = "off"
+            elif judge:
+                judged = f"{_fmt(judge['score'])} ({judge['num_judged']}/{judge['num_items']})"
+            else:
+                judged = "-"
+            metric = head["metric"] + (" %" if head["metric"] in ("accuracy", "f1", "exact_match") else "")
+            lines.append(
+                f"| {name} | {r['task']} | {r['num_items']} | {_skipped(r)} | {metric} | {_fmt(value, 3)} | "
+                f"{_fmt(r.get('exact_match_percent'))} | {_fmt(r.get('f1_percent'))} | {judged} | "
+                f"{_fmt(r['rtfx'], 1)} |"
+            )
+            caption_scores = {
+                k: r[k] for k in ("bleu_4", "meteor", "rouge_l", "cider_d", "spice", "spider") if k in r
+            }
+            if caption_scores:
+                lines.append(
+                    f"| | | | | {', '.join(f'{k} {v:.4f}' for k, v in caption_scores.items())} | | | | | |"
+                )
+            unavailable |= r.get("caption_unavailable") or {}
+        for metric, reason in unavailable.items():
+            lines.append(f"\n{metric} unavailable: {reason}")
     return "\n".join(lines) + "\n"
 
 
@@ -338,6 +453,23 @@ def _benchmark_options(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return options
 
 
+def _judge_from(cfg: DictConfig) -> LLMJudge | None:
+    """The LLM judge of ``cfg.judge`` when enabled, checked before any model is loaded."""
+    node = cfg.get("judge")
+    if not node or not node.get("enabled"):
+        return None
+    try:
+        config = JudgeConfig(**OmegaConf.to_container(node, resolve=True))
+    except (TypeError, ValueError) as err:
+        raise UserValueError(f"judge: {err}") from None
+    if config.api_key_env and not os.environ.get(config.api_key_env):
+        raise UserValueError(
+            f"judge.enabled=true but the environment variable {config.api_key_env} (judge.api_key_env) is not set; "
+            "set it, or judge.api_key_env=null for an endpoint without a key"
+        )
+    return LLMJudge(config)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation task from the composed ``conf/eval.yaml``.
 
@@ -349,14 +481,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ``accounting`` (``source_samples``: the source's size or None; ``scored + dropped_empty_reference +
         skipped = read``; ``complete``: read equals the source's size), ``audio_s``, ``inference_s``, ``rtfx``,
         ``num_budget_hit``, ``num_stopped_by_repetition_guard``, ``num_chunked``, the ``predictions`` file and the
-        ``skipped_list`` file; per choice benchmark the accuracy fields.
+        ``skipped_list`` file; per choice benchmark the accuracy fields; per open-task benchmark the fields of
+        :func:`~aero_lightning.metrics.tasks.score_open_task` (``exact_match``, ``f1``, caption scores and
+        ``caption_unavailable``, or ``accuracy``), ``judge`` (the LLM judge's scores, None when it is off for a
+        judged benchmark) and ``headline`` (``{"metric", "value"}``).
 
     Raises:
         KeyError: for a benchmark name not in the registry.
         FileNotFoundError: for a missing checkpoint or local source.
     """
     benchmarks = _benchmark_options(cfg)
-    specs = {name: get_benchmark(opts.get("registry") or name) for name, opts in benchmarks.items()}
+    specs = {name: spec_from_options(name, opts) for name, opts in benchmarks.items()}
+    for name, opts in benchmarks.items():  # a local benchmark may ask for the judge
+        if opts.get("judge") is not None and bool(opts["judge"]) != specs[name].judge:
+            specs[name] = dataclasses.replace(specs[name], judge=bool(opts["judge"]))
+    judge = _judge_from(cfg)
     for name, opts in benchmarks.items():  # fail on a missing local source before the model is loaded
         source = opts.get("source") or specs[name].hf_id
         if source is None:
@@ -370,9 +509,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, opts in benchmarks.items():
         spec = specs[name]
-        default_prompt = (
-            cfg.get("asr_prompt") if spec.task == "asr" else cfg.get("choice_instruction", CHOICE_INSTRUCTION)
-        )
+        if spec.task == "asr":
+            default_prompt = cfg.get("asr_prompt")
+        elif spec.task == "choice":
+            default_prompt = cfg.get("choice_instruction", CHOICE_INSTRUCTION)
+        else:
+            default_prompt = None  # the registry's post-prompt
         max_samples = opts.get("max_samples", None)
         if max_samples is None:
             max_samples = cfg.get("max_samples")
@@ -387,13 +529,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             split=opts.get("split"),
             hf_config=opts.get("hf_config"),
             streaming=bool(opts.get("streaming", False)),
-            prompt=opts.get("prompt") or default_prompt,
+            prompt=opts.get("prompt") if opts.get("prompt") is not None else default_prompt,
             max_samples=max_samples,
             batch_size=int(cfg.batch_size),
             max_batch_audio_s=cfg.get("max_batch_audio_s"),
             buffer_size=int(cfg.get("buffer_size", 256)),
             repetition=repetition,
             progress=bool(cfg.get("progress", True)),
+            judge=judge,
+            caption_metrics=tuple(cfg.get("caption_metrics") or DEFAULT_CAPTION_METRICS),
         )
     asr_scored = {
         n: WERResult(**{k: r[k] for k in WERResult.__dataclass_fields__})
