@@ -119,6 +119,8 @@ def env(tmp_path_factory):
         ("two", [a, b], {"duration_s": 1.3, "audio_durations_s": [0.8, 0.5], "task": "instruct",
                          "messages": [_user(AUDIO, AUDIO, {"type": "text", "text": "Which clip is longer?"}), _reply("the first")]}),
         ("voice", [b], {"duration_s": 0.5, "task": "instruct", "messages": [_user(AUDIO), _reply("two")]}),
+        ("chat", [], {"duration_s": 0.0, "task": "text",
+                      "messages": [_user({"type": "text", "text": "2 plus 2?"}), _reply("4")]}),
     ])  # fmt: skip
     Judge.prompts = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
@@ -185,6 +187,7 @@ def test_eval_scores_every_open_task(env, tmp_path):
 
     spoken = summary["spoken"]  # decoded with each sample's own messages: two clips, and audio alone
     assert spoken["num_items"] == 2 and spoken["accounting"]["complete"]
+    assert spoken["skipped"] == {"empty_audio": 1}  # the text-only chat sample: no audio to decode
     rows = [json.loads(x) for x in (out / "predictions" / "spoken.jsonl").read_text().splitlines()]
     assert [(r["key"], r["question"], r["task"]) for r in rows] == [
         ("two", "Which clip is longer?", "instruct"), ("voice", "", "instruct")

@@ -243,6 +243,9 @@ def _iter_shards(folder: Path, spec: BenchmarkSpec, rejects: RejectCounter) -> I
         return
     pending: list[dict] = []  # consecutive samples of one clip's captions (<key>_c1, <key>_c2, ...)
     for sample in samples:
+        if not sample["waveforms"]:  # a text-only chat sample: nothing for an audio benchmark to decode
+            rejects.reject("empty_audio", sample["key"], "a text-only sample (no audio clip)")
+            continue
         stem = _caption_stem(sample["key"]) if spec.task == "caption" else None
         if pending and (stem is None or stem != _caption_stem(pending[0]["key"])):
             yield _shard_open_item(pending, spec.task == "caption")
