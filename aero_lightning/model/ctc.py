@@ -57,9 +57,7 @@ def ctc_loss_sum(
     docs = batch_documents(input_ids, labels, cu_seqlens)
     slots = [int((ids == audio_token_id).sum()) for ids, _ in docs]
     per_window = tokens_per_window.tolist()
-    valid = torch.arange(frame_logits.shape[1], device=device)[None, :] < frame_lengths.to(device)[:, None]
-    log_probs = frame_logits.float().log_softmax(-1)  # (W, S, V)
-    rows, targets, window = [], [], 0
+    spans, targets, window = [], [], 0
     for (_, lab), n_slots in zip(docs, slots):
         first, filled = window, 0
         while filled < n_slots:
@@ -67,15 +65,32 @@ def ctc_loss_sum(
             window += 1
         target = lab[ctc_target_mask(lab, end_of_turn_id)]
         if n_slots and len(target):
-            rows.append(log_probs[first:window][valid[first:window]])  # (frames_d, V)
+            spans.append((first, window))
             targets.append(target.to(device))
-    if not rows:
+    if not spans:
         return frame_logits.sum() * 0.0, torch.zeros((), dtype=torch.long, device=device)
+    log_probs = frame_logits.float().log_softmax(-1)  # (W, S, V)
+    if all(end - first == 1 for first, end in spans):
+        # every document is one window (clips up to 30 s): the windows are already CTC's padded batch, so it
+        # reads them in place, transposed, instead of gathering the valid frames into a new padded copy whose
+        # backward scatters into a zero tensor of the whole (W, S, V) block
+        chosen = torch.tensor([first for first, _ in spans], device=device)
+        if len(spans) < log_probs.shape[0]:
+            log_probs = log_probs.index_select(0, chosen)
+        batch_log_probs = log_probs.transpose(0, 1)  # (S, D', V)
+        input_lengths = frame_lengths.to(device).index_select(0, chosen)
+    else:
+        valid = (
+            torch.arange(frame_logits.shape[1], device=device)[None, :] < frame_lengths.to(device)[:, None]
+        )
+        rows = [log_probs[first:end][valid[first:end]] for first, end in spans]  # (frames_d, V) each
+        batch_log_probs = nn.utils.rnn.pad_sequence(rows)  # (T_max, D', V)
+        input_lengths = torch.tensor([len(r) for r in rows], device=device)
     target_lengths = torch.tensor([len(t) for t in targets], device=device)
     loss_sum = nn.functional.ctc_loss(
-        nn.utils.rnn.pad_sequence(rows),  # (T_max, D', V)
+        batch_log_probs,
         torch.cat(targets),
-        torch.tensor([len(r) for r in rows], device=device),
+        input_lengths,
         target_lengths,
         blank=blank_id,
         reduction="sum",
