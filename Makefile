@@ -9,6 +9,8 @@ DEMO_VAL ?= 200
 DEMO_TEST ?= 200
 DEMO_ARGS ?=
 DEMO_LONG_TRAIN ?= 40000
+DEMO_LONG_CORPUS ?= data_cache/demo_long_corpus
+DEMO_LONG_MODEL ?= data_cache/demo_long_model
 PYTEST_ARGS ?=
 # make gpu-check: the interpreter (default: .venv/bin/python if present, else python3) and extra arguments, e.g.
 # GPU_CHECK_ARGS="--devices 8" for the preemption drill, "--skip mfu", "--keep"
@@ -27,21 +29,24 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Build the espeak-ng corpus and the tiny random-init model, train on CPU, decode the test split, print WER.
+# Build the espeak-ng corpus and the tiny random-init model, then the staged recipe (experiments/demo/README.md):
+# the encoder alone with CTC (experiment=demo_ctc), then the LLM on the frozen encoder and, from step 200, every
+# weight (experiment=demo_staged); decodes the test split, prints the WER and five transcripts beside their
+# references. Run folders: outputs/demo_ctc, outputs/demo.
 demo: install
 	$(BIN)/python -m aero_lightning.data.synth --out $(DEMO_CORPUS) --train $(DEMO_TRAIN) --val $(DEMO_VAL) --test $(DEMO_TEST)
 	$(BIN)/python -m aero_lightning.model.tiny --corpus $(DEMO_CORPUS) --out $(DEMO_MODEL)
-	$(BIN)/python train.py experiment=demo $(DEMO_ARGS)
+	$(BIN)/python train.py experiment=demo_ctc paths.demo_corpus_dir=$(abspath $(DEMO_CORPUS)) paths.demo_model_dir=$(abspath $(DEMO_MODEL)) $(DEMO_ARGS)
+	$(BIN)/python train.py experiment=demo_staged paths.demo_corpus_dir=$(abspath $(DEMO_CORPUS)) paths.demo_model_dir=$(abspath $(DEMO_MODEL)) $(DEMO_ARGS)
 
-# The longer demo (experiments/demo/README.md, 60 min of training on 2 cores): a 40 000-sentence corpus and a
-# tokenizer trained on it (both replace the `make demo` ones in place), encoder CTC pre-training
-# (experiment=demo_ctc), then one run that trains the LLM on the frozen encoder and projector and, from step 600,
-# every weight (experiment=demo_staged); prints the test WER.
+# The long demo (experiments/demo/README.md): the same recipe, longer, on a 40 000-sentence corpus with its own
+# tokenizer, in its own folders (data_cache/demo_long_corpus, data_cache/demo_long_model, outputs/demo_long_ctc,
+# outputs/demo_long), so `make demo` and `make demo-long` run in either order without touching each other.
 demo-long: install
-	$(BIN)/python -m aero_lightning.data.synth --out $(DEMO_CORPUS) --train $(DEMO_LONG_TRAIN) --val $(DEMO_VAL) --test $(DEMO_TEST)
-	$(BIN)/python -m aero_lightning.model.tiny --corpus $(DEMO_CORPUS) --out $(DEMO_MODEL) --overwrite
-	$(BIN)/python train.py experiment=demo_ctc
-	$(BIN)/python train.py experiment=demo_staged
+	$(BIN)/python -m aero_lightning.data.synth --out $(DEMO_LONG_CORPUS) --train $(DEMO_LONG_TRAIN) --val $(DEMO_VAL) --test $(DEMO_TEST)
+	$(BIN)/python -m aero_lightning.model.tiny --corpus $(DEMO_LONG_CORPUS) --out $(DEMO_LONG_MODEL)
+	$(BIN)/python train.py experiment=demo_long_ctc paths.demo_corpus_dir=$(abspath $(DEMO_LONG_CORPUS)) paths.demo_model_dir=$(abspath $(DEMO_LONG_MODEL)) $(DEMO_ARGS)
+	$(BIN)/python train.py experiment=demo_long_staged paths.demo_corpus_dir=$(abspath $(DEMO_LONG_CORPUS)) paths.demo_model_dir=$(abspath $(DEMO_LONG_MODEL)) $(DEMO_ARGS)
 
 # The default test run (CPU, < 15 min): everything except `slow` and `gpu` tests.
 test: install
@@ -59,7 +64,8 @@ format: install
 	$(BIN)/ruff format .
 
 clean-demo:
-	rm -rf $(DEMO_CORPUS) $(DEMO_MODEL) outputs/demo outputs/demo_ctc outputs/demo_staged outputs/demo_long outputs/demo_finetune
+	rm -rf $(DEMO_CORPUS) $(DEMO_MODEL) $(DEMO_LONG_CORPUS) $(DEMO_LONG_MODEL) outputs/demo outputs/demo_ctc outputs/demo_joint \
+		outputs/demo_long outputs/demo_long_ctc outputs/demo_long_stage2 outputs/demo_long_stage3
 
 # One GPU, offline, < 10 min: import checks, pytest -m gpu, benchmarks/mfu.py at Aero's shapes, aero_full with ZeRO-2
 # (20 steps), ZeRO-3 and FSDP2 (3 steps), a 15-minute transcription; writes benchmarks/results/gpu_check_<device>.json

@@ -129,7 +129,7 @@ def test_final_step_is_checkpointed_off_the_save_schedule(demo_env):
     assert json.loads((out / "result.json").read_text())["last_checkpoint"] == str(ckpts / "last.ckpt")
 
 
-def test_three_stage_demo_ctc_then_demo_long_then_demo_finetune(demo_env):
+def test_three_stage_demo_ctc_then_demo_long_stage2_then_stage3(demo_env):
     """Stage 1 trains the encoder alone (LLM untouched); stage 2 starts from that encoder and keeps it and the
     projector frozen; stage 3 starts from all of stage 2's weights and trains every one of them."""
     root, corpus, model = demo_env
@@ -142,7 +142,7 @@ def test_three_stage_demo_ctc_then_demo_long_then_demo_finetune(demo_env):
     first = run_train(*overrides("demo_ctc", stage1), "callbacks.model_checkpoint.every_n_train_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_train(
-        *overrides("demo_long", stage2),
+        *overrides("demo_long_stage2", stage2),
         f"model.init_from.ckpt={stage1}",
         "run_test=false",
         "model.ctc_weight=0",
@@ -164,7 +164,9 @@ def test_three_stage_demo_ctc_then_demo_long_then_demo_finetune(demo_env):
     enc0 = WhisperAudioEncoder.from_pretrained(str(model / "encoder")).state_dict()
     assert any(not torch.equal(one[f"model.encoder.{k}"], v) for k, v in enc0.items())  # stage 1 trained it
 
-    third = run_train(*overrides("demo_finetune", stage3), f"model.init_from.ckpt={stage2}", "run_test=false")
+    third = run_train(
+        *overrides("demo_long_stage3", stage3), f"model.init_from.ckpt={stage2}", "run_test=false"
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     three = torch.load(stage3 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
         "state_dict"
@@ -231,6 +233,73 @@ def test_demo_ctc_then_demo_staged_unfreezes_at_its_step_and_after_resume(demo_e
     assert s4["lr_schedulers"][0]["_last_lr"][2] == pytest.approx(
         0.5 * 3 / 50 * s4["lr_schedulers"][0]["_last_lr"][0]
     )
+
+
+def _val_losses(run: Path, tag: str = "val/demo_espeak/loss") -> dict[int, float]:
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_make_demo_recipe_val_loss_falls_in_every_stage_and_weights_carry_over(demo_env):
+    """The recipe `make demo` runs, shortened: demo_ctc (stage 1), then demo_staged (the LLM on the frozen encoder
+    until module.unfreeze.at_step, then every weight). The validation loss falls within each stage; stage 2 starts
+    from stage 1's encoder and CTC head, and the unfreeze switch continues from the weights the frozen phase left
+    (no re-initialisation, no reload); the run prints test transcripts beside their references."""
+    root, corpus, model = demo_env
+    stage1, staged = root / "recipe_stage1", root / "recipe_staged"
+
+    def overrides(experiment: str, run: Path) -> list[str]:
+        common = [o for o in base_overrides(corpus, model, run) if not o.startswith("experiment=")]
+        return [
+            f"experiment={experiment}",
+            *common,
+            "trainer.val_check_interval=10",
+            "trainer.limit_val_batches=1",
+        ]
+
+    first = run_train(*overrides("demo_ctc", stage1), "trainer.max_steps=30")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ctc = _val_losses(stage1)
+    assert sorted(ctc) == [9, 19, 29] and ctc[29] < ctc[19] < ctc[9], ctc
+
+    second = run_train(
+        *overrides("demo_staged", staged),
+        f"model.init_from.ckpt={stage1}",
+        "trainer.max_steps=40",
+        "module.unfreeze.at_step=20",
+        "module.unfreeze.warmup_steps=5",
+        "module.warmup_steps=10",
+        "callbacks.model_checkpoint.every_n_train_steps=10",
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    lm = _val_losses(staged)
+    assert sorted(lm) == [9, 19, 29, 39]
+    assert lm[19] < lm[9], f"stage 2 (frozen encoder): {lm}"
+    assert lm[39] < lm[19], f"stage 3 (every weight): {lm}"
+
+    def weights(run: Path, name: str) -> dict:
+        return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=False)["state_dict"]
+
+    one = weights(stage1, "last.ckpt")
+    at10, at20, at30 = (weights(staged, f"step00000{n}.ckpt") for n in (10, 20, 30))
+    carried = [k for k in one if k.startswith(("model.encoder.encoder.layers.", "model.ctc_head."))]
+    assert carried and all(
+        torch.equal(at20[k], one[k]) for k in carried
+    )  # copied from stage 1, frozen to step 20
+    assert any(not torch.equal(at30[k], one[k]) for k in carried)  # trained after the switch
+    llm = [k for k in at20 if k.startswith("model.llm.")]
+    # the LLM goes on from where the frozen phase left it: it moves less over the 10 steps after the switch than
+    # its distance from the 10th step, so it was neither re-initialised nor reloaded at the switch
+    moved = sum(float((at30[k] - at20[k]).norm()) for k in llm)
+    back = sum(float((at30[k] - at10[k]).norm()) for k in llm)
+    assert 0 < moved < back
+    assert (
+        "test utterances, greedy transcript (HYP) beside the reference (REF)" in second.stdout + second.stderr
+    )
+    predictions = [json.loads(line) for line in (staged / "predictions_test.jsonl").read_text().splitlines()]
+    first_ref = sorted(predictions, key=lambda r: r["key"])[0]["reference"]
+    assert f"REF  {first_ref}" in (staged / "train.log").read_text()
 
 
 def test_missing_data_folder_fails_before_training(demo_env, tmp_path):

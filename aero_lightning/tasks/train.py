@@ -84,6 +84,25 @@ def resume_path(cfg: DictConfig) -> str | None:
     return str(found[0])
 
 
+def example_lines(records: list[dict], count: int) -> list[str]:
+    """Greedy transcripts of the first ``count`` test utterances (in key order) beside their references.
+
+    Args:
+        records: the test decode's records (``key``, ``reference``, ``hypothesis``), each utterance once.
+        count: how many to show; 0 shows none.
+
+    Returns:
+        Lines ``"  REF  <reference>"`` / ``"  HYP  <hypothesis>"`` under a heading, two per utterance.
+    """
+    chosen = sorted(records, key=lambda r: r["key"])[: max(count, 0)]
+    if not chosen:
+        return []
+    lines = [f"{len(chosen)} test utterances, greedy transcript (HYP) beside the reference (REF):"]
+    for r in chosen:
+        lines += [f"  {r['key']}", f"    REF  {r['reference']}", f"    HYP  {r['hypothesis']}"]
+    return lines
+
+
 def train(cfg: DictConfig) -> dict:
     """Run a training job.
 
@@ -146,6 +165,7 @@ def train(cfg: DictConfig) -> dict:
                 f"(S={t['substitutions']} D={t['deletions']} I={t['insertions']}); predictions: "
                 f"{t.get('predictions_path')}"
             )
+            summary.extend(example_lines(module.test_records, int(cfg.get("test_examples", 0) or 0)))
         if result.get("last_checkpoint"):
             summary.append(f"checkpoint: {result['last_checkpoint']}")
         summary.append(f"TensorBoard: tensorboard --logdir {output_dir / 'tensorboard'}")
