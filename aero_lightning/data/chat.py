@@ -182,6 +182,23 @@ def encode_chat(
     return EncodedChat(input_ids=input_ids, labels=labels, num_audio_tokens=list(num_audio_tokens))
 
 
+TRANSCRIPT_TASKS = ("asr",)
+"""Tasks whose reply is what the audio says: only their documents are CTC targets. A label, an answer or a caption is
+not a transcript, and CTC towards it would teach the encoder frames to spell it (:func:`transcript_documents`)."""
+
+
+def transcript_documents(tasks) -> list[bool]:
+    """Which documents of a batch carry CTC targets: those whose task is in :data:`TRANSCRIPT_TASKS`.
+
+    Args:
+        tasks: each document's task (a collated batch's ``tasks``), in document order.
+
+    Returns:
+        One bool per document.
+    """
+    return [task in TRANSCRIPT_TASKS for task in tasks]
+
+
 def ctc_target_mask(labels, end_of_turn_id: int):
     """Mask of the CTC targets in ``labels``: the reply tokens without the end-of-turn token.
 

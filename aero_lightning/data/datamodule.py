@@ -19,7 +19,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from aero_lightning.data.chat import AUDIO_TOKEN, IGNORE_INDEX, ctc_target_mask, encode_chat, prompt_messages
+from aero_lightning.data.chat import (
+    AUDIO_TOKEN,
+    IGNORE_INDEX,
+    ctc_target_mask,
+    encode_chat,
+    prompt_messages,
+    transcript_documents,
+)
 from aero_lightning.data.packing import batch_documents, collate_padded, sample_clips
 from aero_lightning.data.shard_reader import ShardPass, resolve_split, shard_sample_counts
 from aero_lightning.data.shards import read_manifest
@@ -102,10 +109,14 @@ def target_tokens(batch: Mapping) -> int:
 
 def ctc_target_tokens(batch: Mapping, audio_token_id: int, end_of_turn_id: int) -> int:
     """Targets of the auxiliary CTC term in a batch: reply tokens but the end-of-turn token, in documents that hold
-    audio (the count :func:`aero_lightning.model.ctc.ctc_loss_sum` returns for the same batch)."""
+    audio and whose reply is a transcript (:func:`~aero_lightning.data.chat.transcript_documents` of the batch's
+    ``tasks``; every audio document when the batch has none): the count :func:`aero_lightning.model.ctc.ctc_loss_sum`
+    returns for the same batch."""
     total = 0
-    for ids, labels in batch_documents(batch["input_ids"], batch["labels"], batch.get("cu_seqlens")):
-        if bool((ids == audio_token_id).any()):
+    docs = batch_documents(batch["input_ids"], batch["labels"], batch.get("cu_seqlens"))
+    keep = transcript_documents(batch["tasks"]) if "tasks" in batch else [True] * len(docs)
+    for (ids, labels), kept in zip(docs, keep):
+        if kept and bool((ids == audio_token_id).any()):
             total += int(ctc_target_mask(labels, end_of_turn_id).sum())
     return total
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from aero_lightning.data.audio_tokens import AudioTokenCounter
-from aero_lightning.data.chat import AUDIO_TOKEN, IGNORE_INDEX
+from aero_lightning.data.chat import AUDIO_TOKEN, IGNORE_INDEX, transcript_documents
 from aero_lightning.data.features import pcm_windows
 from aero_lightning.model.attention import packed_attention_kwargs
 from aero_lightning.model.ctc import ctc_loss_sum
@@ -235,6 +235,7 @@ class AeroModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_logits: bool = True,
+        ctc_documents: Sequence[bool] | None = None,
     ) -> AeroOutput:
         """Teacher-forced forward pass, on a padded batch or on one packed row of documents.
 
@@ -251,6 +252,8 @@ class AeroModel(nn.Module):
             cu_seqlens: ``(D+1,)`` document boundaries of a packed row (attention kernels and the CTC term).
             return_logits: False (training) computes the loss from the final hidden states without full
                 ``(B, L, V)`` logits (:func:`~aero_lightning.model.liger.linear_cross_entropy_sum`).
+            ctc_documents: one bool per document: whether its reply is a CTC target (a transcript; see
+                :func:`~aero_lightning.data.chat.transcript_documents`); None: every document with audio.
 
         Returns:
             :class:`AeroOutput`.
@@ -302,6 +305,7 @@ class AeroModel(nn.Module):
                 self.end_of_turn_id,
                 blank_id=self.tokenizer.pad_token_id,
                 cu_seqlens=cu_seqlens,
+                documents=ctc_documents,
             )
         return out
 
@@ -325,6 +329,8 @@ class AeroModel(nn.Module):
             position_ids=batch.get("position_ids"),
             cu_seqlens=batch.get("cu_seqlens"),
             return_logits=return_logits,
+            # only transcripts are CTC targets: a label, answer or caption is not what the audio says
+            ctc_documents=transcript_documents(batch["tasks"]) if "tasks" in batch else None,
         )
 
     @torch.no_grad()

@@ -12,6 +12,8 @@ the global batch like the LM loss.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -31,6 +33,7 @@ def ctc_loss_sum(
     end_of_turn_id: int,
     blank_id: int,
     cu_seqlens: torch.Tensor | None = None,
+    documents: Sequence[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CTC of every document's encoder frames against its reply tokens, summed over documents.
 
@@ -48,6 +51,8 @@ def ctc_loss_sum(
         end_of_turn_id: the end-of-turn token, excluded from the targets (:func:`ctc_target_mask`).
         blank_id: the CTC blank (the tokenizer's pad token).
         cu_seqlens: ``(D+1,)`` document boundaries of a packed row; None for a padded batch.
+        documents: one bool per document, False to leave it out (its reply is not a transcript:
+            :func:`~aero_lightning.data.chat.transcript_documents`); None: every document with audio.
 
     Returns:
         ``(loss_sum, num_targets)``: float32 scalar, the summed negative log-likelihood over documents
@@ -57,12 +62,16 @@ def ctc_loss_sum(
     docs = batch_documents(input_ids, labels, cu_seqlens)
     slots = [int((ids == audio_token_id).sum()) for ids, _ in docs]
     per_window = tokens_per_window.tolist()
+    if documents is not None and len(documents) != len(docs):
+        raise ValueError(f"documents has {len(documents)} entries for {len(docs)} documents")
     spans, targets, window = [], [], 0
-    for (_, lab), n_slots in zip(docs, slots):
+    for d, ((_, lab), n_slots) in enumerate(zip(docs, slots)):
         first, filled = window, 0
-        while filled < n_slots:
+        while filled < n_slots:  # walked for every document: the windows are in document order
             filled += per_window[window]
             window += 1
+        if documents is not None and not documents[d]:
+            continue
         target = lab[ctc_target_mask(lab, end_of_turn_id)]
         if n_slots and len(target):
             spans.append((first, window))

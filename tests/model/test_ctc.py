@@ -86,3 +86,27 @@ def test_documents_without_targets_are_left_out_of_the_one_window_batch():
     ref = _reference(logits, frame_lengths, [[1]], [[5, 6, 8]])
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
     assert int(count) == 3 and grad[0].abs().sum() == 0
+
+
+def test_documents_flagged_false_are_walked_but_left_out():
+    # the middle document (a classification label, not a transcript) spans window 1 and adds nothing
+    torch.manual_seed(2)
+    frame_lengths = torch.tensor([20, 13, 17])
+    tokens_per_window = torch.tensor([5, 4, 4])
+    targets = [[3, 4, 5, 4], [6, 3], [4, 10]]
+    docs = [_document(int(n), t) for n, t in zip(tokens_per_window, targets)]
+    input_ids, labels = _padded(docs)
+    logits = torch.randn(3, 20, VOCAB, requires_grad=True)
+    loss, count = ctc_loss_sum(
+        logits, frame_lengths, tokens_per_window, input_ids, labels, AUDIO, EOT, blank_id=BLANK,
+        documents=[True, False, True],
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref = _reference(logits, frame_lengths, [[0], [2]], [targets[0], targets[2]])
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    assert int(count) == 6 and grad[1].abs().sum() == 0 and grad[2].abs().sum() > 0
+    with pytest.raises(ValueError, match="2 entries for 3 documents"):
+        ctc_loss_sum(
+            logits, frame_lengths, tokens_per_window, input_ids, labels, AUDIO, EOT, blank_id=BLANK,
+            documents=[True, False],
+        )  # fmt: skip
