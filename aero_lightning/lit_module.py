@@ -200,7 +200,8 @@ class AeroLitModule(L.LightningModule):
         else:
             self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
             self.log("train/target_tokens", out.num_target_tokens.float(), batch_size=bs, reduce_fx="sum")
-            if out.ctc_loss_sum is not None:
+            # a row without a transcript (no ASR document) has no CTC mean to log
+            if out.ctc_loss_sum is not None and bool(out.ctc_target_tokens):
                 self.log("train/ctc_loss", out.ctc_loss, prog_bar=True, batch_size=bs)
             self._log_breakdown(out, batch)
         return self.training_loss(out, batch)

@@ -59,10 +59,10 @@ class AeroOutput:
 
     @property
     def ctc_loss(self) -> torch.Tensor | None:
-        """Mean CTC loss per target token of this batch."""
+        """Mean CTC loss per target token of this batch; 0 for a batch without CTC targets (no transcript)."""
         if self.ctc_loss_sum is None:
             return None
-        return self.ctc_loss_sum / self.ctc_target_tokens
+        return self.ctc_loss_sum / self.ctc_target_tokens.clamp_min(1)
 
 
 @dataclass

@@ -56,3 +56,28 @@ def test_ctc_targets_are_the_transcripts_only(make_model, tokenizer):
     with torch.no_grad():
         everything = model.forward_batch(untagged)
     assert int(everything.ctc_target_tokens) == ctc_target_tokens(untagged, audio_id, eot) > asr_targets
+
+
+def test_a_row_without_transcripts_trains_and_logs_no_ctc_mean(make_model, tokenizer):
+    """A packed row of only non-ASR documents (first-fit packing groups the short ones): CTC sum and count 0, a
+    finite micro-batch loss equal to the LM mean, and no train/ctc_loss point (before: 0 / 0 = nan in both)."""
+    from aero_lightning.lit_module import AeroLitModule
+
+    model = make_model(ctc_weight=0.5)
+    counter = model.audio_token_counter()
+    audio, prompt = {"type": "audio"}, {"type": "text", "text": "first reply"}
+    docs = [
+        _doc(tokenizer, counter, "c", "classify", [_user(audio, prompt), _reply("hello world")], 0.9, 1),
+        _doc(tokenizer, counter, "i", "instruct", [_user(audio), _reply("second reply")], 0.7, 2),
+    ]
+    module = AeroLitModule(model)
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    model.eval()
+    with torch.no_grad():
+        batch = collate_packed(docs, counter)
+        out = model.forward_batch(batch)
+        loss = module.training_step(batch, 0)
+    assert int(out.ctc_target_tokens) == 0 and float(out.ctc_loss) == 0.0
+    torch.testing.assert_close(loss, out.loss)
+    assert "train/ctc_loss" not in logged and logged["train/loss"] == float(out.loss)
