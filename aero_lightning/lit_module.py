@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from aero_lightning.data.encoder_cache import check_encoder_frozen, model_encoder_fingerprint
 from aero_lightning.data.features import SAMPLE_RATE_HZ
 from aero_lightning.data.packing import target_documents
 from aero_lightning.distributed import gather_objects, parameters_are_sharded
@@ -171,6 +172,24 @@ class AeroLitModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        """With ``data.encoder_cache=true``: refuse an encoder that trains at any point of the run, and bind the
+        training data to the cache of this model's encoder (before any strategy wraps or shards the model).
+
+        Raises:
+            UserValueError: from :func:`~aero_lightning.data.encoder_cache.check_encoder_frozen` and
+                :meth:`~aero_lightning.data.datamodule.AeroDataModule.bind_encoder_cache`.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage != "fit" or not getattr(datamodule, "encoder_cache", False):
+            return
+        check_encoder_frozen(
+            self.model.named_parameters(),
+            self.unfreeze["patterns"] if self.unfreeze else (),
+            self.model.fixed_parameters,
+        )
+        datamodule.bind_encoder_cache(model_encoder_fingerprint(self.model))
 
     def on_fit_start(self) -> None:
         if self.unfreeze and self.trainer.world_size > 1:

@@ -39,7 +39,8 @@ class ThroughputMonitor(L.Callback):
 
     - ``perf/tokens_per_s``: real LLM tokens (audio and text positions) per second per device.
     - ``perf/audio_s_per_s``: seconds of audio per second per device.
-    - ``perf/model_tflops_per_s``, ``perf/mfu``: whole-model FLOPs (``step_flops(...)["total"]``).
+    - ``perf/model_tflops_per_s``, ``perf/mfu``: whole-model FLOPs (``step_flops(...)["total"]``; without the
+      encoder's for batches of cached encoder outputs, where it does not run).
     - ``perf/llm_tflops_per_s``, ``perf/mfu_llm``: the LLM's text FLOPs as lmms-engine counts them
       (``step_flops(...)["lmms_engine"]``); the MFUs only when the peak is known.
     - ``perf/padding_ratio``: padded / all LLM input positions, all processes.
@@ -88,7 +89,8 @@ class ThroughputMonitor(L.Callback):
         if self._params is not None:
             windows, docs = batch_lengths(batch, pl_module.model.audio_token_counter())
             flops = step_flops(self._params, windows, docs, target_tokens=batch_targets(batch))
-            counts["flops"] += flops["total"]
+            # cached encoder outputs (data.encoder_cache): the encoder does not run in the step
+            counts["flops"] += flops["total"] - (flops["encoder"] if "encoder_states" in batch else 0)
             counts["flops_llm"] += flops["lmms_engine"]
 
     def _summed(self, trainer, pl_module) -> dict[str, float]:

@@ -27,11 +27,13 @@ from aero_lightning.data.chat import (
     prompt_messages,
     transcript_documents,
 )
+from aero_lightning.data.encoder_cache import CachedSplit, EncoderFingerprint, cache_root, resolve_cache
 from aero_lightning.data.packing import batch_documents, collate_padded, sample_clips
 from aero_lightning.data.shard_reader import ShardPass, resolve_split, shard_sample_counts
 from aero_lightning.data.shards import read_manifest
 from aero_lightning.data.stream import TrainStream, identity, mixture_probs, pad_token_id
 from aero_lightning.distributed import rank_and_world
+from aero_lightning.errors import UserFileNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +193,12 @@ class AeroDataModule(L.LightningDataModule):
             available).
         prefetch_factor: training batches each worker prepares ahead (host memory: about this many batches of
             16-bit PCM per worker).
+        encoder_cache: train on the frozen encoder's cached outputs (:mod:`aero_lightning.data.encoder_cache`,
+            built with ``python -m aero_lightning.data.cache_encoder``) instead of decoding audio: every training
+            split needs a cache of the model's encoder, the encoder must stay frozen for the whole run
+            (:meth:`bind_encoder_cache`, called by :class:`~aero_lightning.lit_module.AeroLitModule` at setup), and
+            training batches carry ``encoder_states`` in place of ``audio_pcm``. Validation and test still read the
+            audio through the encoder.
 
     The training loader's position is part of the checkpoint (:meth:`state_dict`): each consumed batch carries its
     worker's stream state, and a resumed run restores every worker exactly, so it sees the same batches an
@@ -211,6 +219,7 @@ class AeroDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
+        encoder_cache: bool = False,
     ):
         super().__init__()
         self.train = {
@@ -230,6 +239,8 @@ class AeroDataModule(L.LightningDataModule):
         self.seed = seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.prefetch_factor = int(prefetch_factor)
+        self.encoder_cache = bool(encoder_cache)
+        self._cached_splits: dict[str, CachedSplit] | None = None
         self.tokenizer = None
         self.audio_token_counter = None
         self.end_of_turn_token = "<|im_end|>"
@@ -252,6 +263,14 @@ class AeroDataModule(L.LightningDataModule):
         ]:
             resolve_split(folder)
         self.mixture_probs()
+        if self.encoder_cache:  # the fingerprint is checked once the model is built (bind_encoder_cache)
+            for c in self.train.values():
+                if not any(cache_root(c["dir"]).glob("*/manifest.json")):
+                    raise UserFileNotFoundError(
+                        f"data.encoder_cache=true but the training split {c['dir']} has no encoder cache "
+                        f"({cache_root(c['dir'])}); build it with `python -m aero_lightning.data.cache_encoder "
+                        f"split={c['dir']} encoder=...` or set data.encoder_cache=false"
+                    )
 
     def mixture_probs(self) -> dict[str, float]:
         """Sampling probability per training corpus."""
@@ -266,6 +285,48 @@ class AeroDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.audio_token_counter = audio_token_counter
         self.end_of_turn_token = end_of_turn_token
+
+    def bind_encoder_cache(self, fingerprint: EncoderFingerprint) -> None:
+        """Find every training split's cache of the model's encoder and check it (``data.encoder_cache``).
+
+        Args:
+            fingerprint: the model's encoder (:func:`~aero_lightning.data.encoder_cache.model_encoder_fingerprint`).
+
+        Raises:
+            UserError: see :func:`~aero_lightning.data.encoder_cache.resolve_cache` (no cache of this encoder, or one
+                that does not cover the split); UserValueError if the splits' caches differ in dtype or width.
+        """
+        splits = {name: resolve_cache(c["dir"], fingerprint) for name, c in self.train.items()}
+        kinds = {(s.dtype, s.hidden_size) for s in splits.values()}
+        if len(kinds) > 1:
+            raise UserValueError(
+                f"the training splits' encoder caches differ in dtype or width: {sorted(kinds)}; rebuild them with "
+                "the same cache_encoder dtype="
+            )
+        self._cached_splits = splits
+        logger.info(
+            "encoder cache %s (%s): %s",
+            fingerprint.short,
+            next(iter(kinds))[0],
+            ", ".join(f"{name}: {s.folder}" for name, s in splits.items()),
+        )
+
+    def _encoder_cache_reader_args(self) -> dict | None:
+        """Keyword arguments of the training stream's :class:`~aero_lightning.data.encoder_cache.EncoderCacheReader`."""
+        if not self.encoder_cache:
+            return None
+        if self._cached_splits is None:
+            raise RuntimeError(
+                "data.encoder_cache=true: AeroDataModule.bind_encoder_cache(fingerprint) must be called before the "
+                "training data is loaded (AeroLitModule does it at setup)"
+            )
+        first = next(iter(self._cached_splits.values()))
+        return {
+            "shards": {a: c for s in self._cached_splits.values() for a, c in s.shards.items()},
+            "dtype": first.dtype,
+            "hidden_size": first.hidden_size,
+            "build_rejects": {k: v for s in self._cached_splits.values() for k, v in s.build_rejects.items()},
+        }
 
     def _require_model(self) -> None:
         if self.tokenizer is None:
@@ -291,6 +352,7 @@ class AeroDataModule(L.LightningDataModule):
             max_duration_s=self.max_duration_s,
             end_of_turn_token=self.end_of_turn_token,
             resume=resume,
+            encoder_cache=self._encoder_cache_reader_args(),
         )
         self._reset_tracking(resume or {})
         loader = DataLoader(

@@ -26,6 +26,12 @@ The packed batch contract (all CPU tensors, no L x L mask anywhere)::
                                  precision plugin casts an integer tensor (DeepSpeed's bf16 would round floats)
     window_lengths (W,)  int64   samples per window
     encoder_cu_seqlens (W+1,) int32  cumulative encoder frames per window (the encoder's own documents)
+
+    With cached encoder outputs (samples carrying ``encoder_states``, :mod:`aero_lightning.data.encoder_cache`),
+    ``audio_pcm`` is replaced by
+    encoder_states (N, D_enc)  float16 | bfloat16 | float32  the cached frames of every window, back to back
+                                 (N = sum of encoder_frame_lengths), in slot order
+    encoder_frame_lengths (W,) int64  frames per window; window_lengths are the windows of the decoded clips
     audio_samples (D,)   int64   samples of audio per document (all its clips; 0 for a text-only document)
     keys, references, corpora, tasks   lists of D strings
     duplicates                   list of D bools: repeats that pad a rank's evaluation pass (not scored)
@@ -215,14 +221,50 @@ def float_windows(waveforms: Sequence[np.ndarray], counter) -> tuple[torch.Tenso
     return torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True), lengths  # (W, N), (W,)
 
 
-def _common(samples: Sequence[dict], counter) -> dict[str, Any]:
-    audio_pcm, window_lengths = _windows(samples, counter)
+def _cached_windows(samples: Sequence[dict], counter) -> dict[str, torch.Tensor]:
+    """Cached encoder frames of every clip of every sample, back to back, with their windows' lengths.
+
+    Raises:
+        ValueError: if a sample of the batch holds waveforms, or a clip's frames are not the encoder frames of its
+            windows.
+    """
+    if any(sample_clips(s) for s in samples):
+        raise ValueError("a batch mixes cached encoder states and waveforms")
+    states, windows, frames = [], [], []
+    for s in samples:
+        for clip_states, num_samples in zip(s.get("encoder_states", []), s.get("clip_samples", [])):
+            lengths = counter.window_lengths(int(num_samples))
+            clip_frames = [int(counter.encoder_frames(w)) for w in lengths]
+            if sum(clip_frames) != clip_states.shape[0]:
+                raise ValueError(
+                    f"sample {s['key']}: {clip_states.shape[0]} cached frames for a clip of {num_samples} samples, "
+                    f"whose windows have {sum(clip_frames)}"
+                )
+            states.append(torch.as_tensor(clip_states))
+            windows += lengths
+            frames += clip_frames
     return {
-        "audio_pcm": audio_pcm,
-        "window_lengths": window_lengths,
-        "audio_samples": torch.tensor(
-            [sum(int(c.shape[0]) for c in sample_clips(s)) for s in samples], dtype=torch.long
-        ),
+        "encoder_states": torch.cat(states),  # (N, D_enc): every window's valid frames, in slot order
+        "encoder_frame_lengths": torch.tensor(frames, dtype=torch.long),  # (W,)
+        "window_lengths": torch.tensor(windows, dtype=torch.long),  # (W,)
+    }
+
+
+def _clip_lengths(sample: dict) -> list[int]:
+    """Samples of each audio clip of a sample (its waveforms', or, for cached frames, the decoded lengths)."""
+    if sample.get("encoder_states"):
+        return [int(n) for n in sample["clip_samples"]]
+    return [int(c.shape[0]) for c in sample_clips(sample)]
+
+
+def _common(samples: Sequence[dict], counter) -> dict[str, Any]:
+    if any(s.get("encoder_states") for s in samples):  # frames from an encoder cache instead of audio
+        audio = _cached_windows(samples, counter)
+    else:
+        audio_pcm, window_lengths = _windows(samples, counter)
+        audio = {"audio_pcm": audio_pcm, "window_lengths": window_lengths}
+    return audio | {
+        "audio_samples": torch.tensor([sum(_clip_lengths(s)) for s in samples], dtype=torch.long),
         "tasks": [s.get("task", "asr") for s in samples],
         "keys": [s["key"] for s in samples],
         "references": [reference_text(s["messages"]) for s in samples],
@@ -237,7 +279,9 @@ def collate_padded(samples: Sequence[dict], counter, pad_id: int, left_pad: bool
     Args:
         samples: dicts with ``input_ids`` and ``labels`` (lists of ints, equal length), the audio clips
             (``waveforms``: a list of ``(T,)`` arrays at 16 kHz, or one ``waveform``; none for text only), ``key``,
-            ``messages`` and optionally ``corpus`` and ``task``.
+            ``messages`` and optionally ``corpus`` and ``task``. In place of waveforms a sample may carry cached
+            encoder frames: ``encoder_states`` (per clip a ``(F_i, D_enc)`` tensor) and ``clip_samples`` (each
+            clip's decoded length in samples); a batch holds one kind or the other.
         counter: :class:`~aero_lightning.data.audio_tokens.AudioTokenCounter` of the model (30 s window split).
         pad_id: token id used for padding.
         left_pad: pad on the left (generation prompts) instead of the right.

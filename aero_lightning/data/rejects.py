@@ -53,6 +53,10 @@ REJECT_REASONS: dict[str, str] = {
     "sample_rate": "a shard sample's audio is not 16 kHz (re-prepare the corpus)",
     "not_mono": "a shard sample's audio has more than one channel (re-prepare the corpus)",
     "duration_mismatch": "the decoded audio fills a different number of audio tokens than its JSON duration_s",
+    # ---- training on cached encoder outputs (data.encoder_cache=true, data/encoder_cache.py)
+    "missing_cache_entry": "a shard sample with audio has no entry in the encoder cache (and the cache build did not "
+    "skip it for a reason of its own)",
+    "bad_cache_entry": "an encoder cache entry cannot be read, or its frames do not fit the sample's clips",
     # ---- benchmark sources only (eval/sources.py, eval/longform.py)
     "bad_choices": "a multiple-choice sample with fewer than two options, or options that do not parse",
     "answer_not_in_choices": "a multiple-choice sample whose answer is not one of its options",

@@ -40,6 +40,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from aero_lightning.data.chat import encode_chat
+from aero_lightning.data.encoder_cache import EncoderCacheReader
 from aero_lightning.data.packing import PACKING_MODES, make_collate, plan_batches
 from aero_lightning.data.rejects import RejectCounter
 from aero_lightning.data.shard_reader import (
@@ -299,6 +300,10 @@ class TrainStream(IterableDataset):
         max_duration_s: skip longer samples (seconds), or None.
         end_of_turn_token: the chat template's end-of-turn token.
         resume: ``{worker slot: data_state}`` handed out by the datamodule to restore exact positions.
+        encoder_cache: read each sample's cached encoder frames instead of decoding its audio: the keyword
+            arguments of :class:`~aero_lightning.data.encoder_cache.EncoderCacheReader` (``shards`` maps every
+            audio shard to its cache shard), built in each worker. Batches then carry ``encoder_states`` in place of
+            ``audio_pcm`` (:mod:`aero_lightning.data.packing`); planning and costs are unchanged (from the JSON).
 
     Raises:
         ValueError: on an unknown ``mode`` or ``packing_length < 1``.
@@ -317,6 +322,7 @@ class TrainStream(IterableDataset):
         max_duration_s: float | None = None,
         end_of_turn_token: str = "<|im_end|>",
         resume: Mapping[int, Mapping] | None = None,
+        encoder_cache: Mapping | None = None,
     ):
         super().__init__()
         if mode not in PACKING_MODES:
@@ -334,6 +340,12 @@ class TrainStream(IterableDataset):
         self.max_duration_s = max_duration_s
         self.end_of_turn_token = end_of_turn_token
         self.resume = dict(resume or {})
+        self.encoder_cache = dict(encoder_cache) if encoder_cache else None
+        self._cache_reader: EncoderCacheReader | None = None
+
+    def __getstate__(self) -> dict:
+        # a cache reader holds open files: each DataLoader worker opens its own
+        return self.__dict__ | {"_cache_reader": None}
 
     # ------------------------------------------------------------------ per-sample work
     def _meta(self, raw: dict, rejects: RejectCounter) -> dict | None:
@@ -368,7 +380,17 @@ class TrainStream(IterableDataset):
         }
 
     def _decode(self, item: dict, rejects: RejectCounter) -> dict | None:
-        """Decode one planned sample's audio clips; None (counted) if one is unusable."""
+        """Decode one planned sample's audio clips, or read their cached encoder frames; None (counted) if one is
+        unusable or not cached."""
+        if self._cache_reader is not None:
+            cached = self._cache_reader.read(item, rejects, self.counter)
+            if cached is None:
+                return None
+            states, clip_samples = cached
+            return {k: v for k, v in item.items() if k != "audio"} | {
+                "encoder_states": states,
+                "clip_samples": clip_samples,
+            }
         clips = decode_clips(item, rejects, self.counter)
         if clips is None:
             return None
@@ -397,6 +419,10 @@ class TrainStream(IterableDataset):
                 total,
             )
         rejects = RejectCounter()
+        if self.encoder_cache is not None:  # per iterator: it holds open files, which do not cross processes
+            if self._cache_reader is not None:
+                self._cache_reader.close()
+            self._cache_reader = EncoderCacheReader(**self.encoder_cache)
         plan = self._plan(logical, total)
         mixture = MixtureStream(
             {name: shards for name, (shards, _) in plan.items()},

@@ -193,6 +193,18 @@ class AeroModel(nn.Module):
     def encode_audio(self, input_features: torch.Tensor, feature_lengths: torch.Tensor) -> EncodedAudio:
         """Encode and project windows (see :class:`EncodedAudio`)."""
         hidden, frame_lengths = self.encoder(input_features, feature_lengths)  # (W, S, D_enc), (W,)
+        return self.project_audio(hidden, frame_lengths)
+
+    def project_audio(self, hidden: torch.Tensor, frame_lengths: torch.Tensor) -> EncodedAudio:
+        """Project encoder frames of windows (computed now, or read from an encoder cache).
+
+        Args:
+            hidden: ``(W, S, D_enc)`` encoder frames, valid up to ``frame_lengths`` (the rest is ignored).
+            frame_lengths: ``(W,)`` valid frames per window.
+
+        Returns:
+            :class:`EncodedAudio`.
+        """
         projected, tokens = self.projector(hidden, frame_lengths)  # (W, S', D_llm), (W,)
         valid = (
             torch.arange(projected.shape[1], device=projected.device)[None, :] < tokens[:, None]
@@ -235,6 +247,8 @@ class AeroModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_logits: bool = True,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_frame_lengths: torch.Tensor | None = None,
         ctc_documents: Sequence[bool] | None = None,
     ) -> AeroOutput:
         """Teacher-forced forward pass, on a padded batch or on one packed row of documents.
@@ -252,13 +266,24 @@ class AeroModel(nn.Module):
             cu_seqlens: ``(D+1,)`` document boundaries of a packed row (attention kernels and the CTC term).
             return_logits: False (training) computes the loss from the final hidden states without full
                 ``(B, L, V)`` logits (:func:`~aero_lightning.model.liger.linear_cross_entropy_sum`).
+            encoder_hidden_states: ``(W, S, D_enc)`` encoder frames of the batch's windows from an encoder cache
+                (:mod:`aero_lightning.data.encoder_cache`), in place of ``input_features``: the encoder is not run.
+            encoder_frame_lengths: ``(W,)`` valid frames per window of ``encoder_hidden_states``.
             ctc_documents: one bool per document: whether its reply is a CTC target (a transcript; see
                 :func:`~aero_lightning.data.chat.transcript_documents`); None: every document with audio.
 
         Returns:
             :class:`AeroOutput`.
+
+        Raises:
+            ValueError: if both ``input_features`` and ``encoder_hidden_states`` are given.
         """
-        encoded = None if input_features is None else self.encode_audio(input_features, feature_lengths)
+        if encoder_hidden_states is not None:
+            if input_features is not None:
+                raise ValueError("give input_features or cached encoder_hidden_states, not both")
+            encoded = self.project_audio(encoder_hidden_states, encoder_frame_lengths)
+        else:
+            encoded = None if input_features is None else self.encode_audio(input_features, feature_lengths)
         inputs_embeds = self.build_inputs_embeds(input_ids, encoded)  # (B, L, D)
         out = AeroOutput()
         if not self.ctc_only:
@@ -314,11 +339,17 @@ class AeroModel(nn.Module):
 
         Args:
             batch: ``input_ids``, ``labels``, ``audio_pcm``, ``window_lengths`` and ``attention_mask`` (padded)
-                or ``position_ids`` + ``cu_seqlens`` (packed), already on the model's device.
+                or ``position_ids`` + ``cu_seqlens`` (packed), already on the model's device. A batch of cached
+                encoder outputs (``data.encoder_cache``) holds ``encoder_states`` and ``encoder_frame_lengths``
+                instead of ``audio_pcm``: no log-mel, no encoder.
             return_logits: see :meth:`forward` (False: loss only, no full logits).
         """
-        features, lengths = None, None
-        if batch["window_lengths"].numel():  # a text-only batch has no audio
+        features, lengths, hidden, frame_lengths = None, None, None, None
+        if batch.get("encoder_states") is not None:
+            hidden, frame_lengths = self.unpack_encoder_states(
+                batch["encoder_states"], batch["encoder_frame_lengths"]
+            )
+        elif batch["window_lengths"].numel():  # a text-only batch has no audio
             features, lengths = self.compute_features(batch["audio_pcm"], batch["window_lengths"])
         return self(
             input_ids=batch["input_ids"],
@@ -329,9 +360,38 @@ class AeroModel(nn.Module):
             position_ids=batch.get("position_ids"),
             cu_seqlens=batch.get("cu_seqlens"),
             return_logits=return_logits,
+            encoder_hidden_states=hidden,
+            encoder_frame_lengths=frame_lengths,
             # only transcripts are CTC targets: a label, answer or caption is not what the audio says
             ctc_documents=transcript_documents(batch["tasks"]) if "tasks" in batch else None,
         )
+
+    def unpack_encoder_states(
+        self, states: torch.Tensor, frame_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached encoder frames of a batch as the encoder would have returned them.
+
+        Args:
+            states: ``(N, D_enc)`` valid frames of every window, back to back (the collated ``encoder_states``, in
+                the cache's storage dtype).
+            frame_lengths: ``(W,)`` frames per window, summing to ``N``.
+
+        Returns:
+            ``(W, S, D_enc)`` frames zero-padded to the longest window ``S``, in the projector's dtype, and
+            ``(W,)`` lengths.
+
+        Raises:
+            ValueError: if the lengths do not add up to ``N`` or the width is not the encoder's.
+        """
+        lengths = frame_lengths.tolist()
+        if sum(lengths) != states.shape[0] or states.shape[-1] != self.encoder.hidden_size:
+            raise ValueError(
+                f"encoder_states {tuple(states.shape)} do not hold {sum(lengths)} frames of width "
+                f"{self.encoder.hidden_size}"
+            )
+        dtype = next(self.projector.parameters()).dtype
+        hidden = nn.utils.rnn.pad_sequence(list(states.split(lengths)), batch_first=True)  # (W, S, D_enc)
+        return hidden.to(dtype), frame_lengths
 
     @torch.no_grad()
     def generate(

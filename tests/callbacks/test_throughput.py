@@ -120,3 +120,34 @@ def test_single_process_and_no_mfu_without_a_known_peak(model, make_samples, mon
     assert module.logged["perf/tokens_per_s"] == sum(docs) / 0.5
     lmms = 6 * LMMS_N * sum(docs) + 12 * LMMS_ATTN * sum(d * d for d in docs)
     assert module.logged["perf/llm_tflops_per_s"] == pytest.approx(lmms / 0.5 / 1e12, rel=1e-12)
+
+
+def test_a_batch_of_cached_encoder_outputs_counts_no_encoder_flops(model, make_samples, monkeypatch):
+    """The same samples with their encoder frames from a cache (data.encoder_cache): the whole-model FLOPs lose the
+    encoder's (the step does not run it), the audio seconds stay."""
+    counter = model.audio_token_counter()
+    cached = []
+    for s in make_samples([0.7, 2.3, 1.1]):
+        enc = encode_chat(model.tokenizer, s["messages"], [counter(len(s["waveform"]))])
+        frames = torch.zeros(int(counter.encoder_frames(len(s["waveform"]))), 64, dtype=torch.float16)
+        cached.append(
+            {k: v for k, v in s.items() if k != "waveform"}
+            | {"input_ids": enc.input_ids, "labels": enc.labels}
+            | {"encoder_states": [frames], "clip_samples": [len(s["waveform"])]}
+        )
+    batch = collate_packed(cached, counter)
+    assert "audio_pcm" not in batch and batch["encoder_frame_lengths"].tolist() == FRAMES
+    docs = torch.diff(batch["cu_seqlens"]).tolist()
+    without_encoder = (
+        6 * PROJ * sum(-(-f // STACK_K) for f in FRAMES)
+        + 6 * LLM_BODY * sum(docs)
+        + 12 * LLM_ATTN * sum(d * d for d in docs)
+        + 6 * HEAD * batch_targets(batch)
+    )
+    _clock(monkeypatch, [0.0, 0.0, 0.0, 0.5, 0.5])
+    module = _Module(model)
+    monitor = ThroughputMonitor(window=1)
+    monitor.on_train_start(SimpleNamespace(precision="32-true", datamodule=None), module)
+    monitor.on_train_batch_start(SimpleNamespace(), module, batch, 0)
+    assert monitor._counts["flops"] == without_encoder
+    assert monitor._counts["audio_samples"] == round(AUDIO_S * 16000)
