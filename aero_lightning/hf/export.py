@@ -49,6 +49,7 @@ from aero_lightning.hf.feature_extraction_aero import AeroFeatureExtractor
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.build import load_model
 from aero_lightning.model.encoders import WhisperAudioEncoder
+from aero_lightning.model.lora import merged_state_dict
 from aero_lightning.model.projector import projector_spec
 
 logger = logging.getLogger(__name__)
@@ -131,10 +132,11 @@ def remote_code_files() -> dict[str, str]:
 
 
 def _weights(model: AeroModel, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """AeroModel's inference weights (no CTC head), tied LLM weights stored once."""
+    """AeroModel's inference weights (no CTC head), tied LLM weights stored once, LoRA adapters merged into the
+    weights they adapt (:func:`~aero_lightning.model.lora.merged_state_dict`: plain names, no peft to load)."""
     tied = {f"llm.{k}" for k in getattr(model.llm, "all_tied_weights_keys", {}) or {}}
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in merged_state_dict(model).items():
         if name.startswith("ctc_head.") or name in tied:
             continue
         t = tensor.detach().to("cpu")
@@ -236,6 +238,8 @@ def _verify(model: AeroModel, out: Path, atol: float = 1e-4) -> float:
     )  # fmt: skip
     ids = torch.tensor([enc.input_ids])
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # the export is an inference model: no dropout (LoRA's included) in the reference either
     with torch.no_grad():
         ref = (
             model(
@@ -253,6 +257,7 @@ def _verify(model: AeroModel, out: Path, atol: float = 1e-4) -> float:
             input_features=feats["input_features"],
             feature_lengths=feats["feature_lengths"],
         ).logits.float()
+    model.train(was_training)
     diff = float((ref - got).abs().max())
     if diff > atol:
         raise RuntimeError(f"exported model's logits differ from the source model's by {diff:.3g} (> {atol})")

@@ -23,6 +23,7 @@ from aero_lightning.model.ctc import ctc_loss_sum
 from aero_lightning.model.freeze import enable_activation_checkpointing, frozen_components
 from aero_lightning.model.freeze import freeze as freeze_parameters
 from aero_lightning.model.liger import apply_liger, liger_available, liger_options, linear_cross_entropy_sum
+from aero_lightning.model.lora import apply_lora, base_weight_names, lora_options
 from aero_lightning.model.projector import Projector
 from aero_lightning.model.splice import splice_audio
 
@@ -105,9 +106,23 @@ class AeroModel(nn.Module):
         loss_chunk_tokens: target positions projected to the vocabulary at once by the loss (no full logits).
         ctc_only: encoder CTC pre-training: the LLM is not run, the CTC term is the whole loss, and projector and
             LLM are frozen. A later run starts from the encoder with ``init_from``. Needs ``ctc_weight > 0``.
+        lora: LoRA adapters (``model.lora``: ``{target_modules, r, alpha, dropout}``,
+            :func:`~aero_lightning.model.lora.lora_options`), added after ``freeze``
+            (:func:`~aero_lightning.model.lora.apply_lora`): the adapters train, the wrapped layers' base weights
+            stay frozen for good (they join :attr:`fixed_parameters`), every other parameter keeps what ``freeze``
+            decided. None (or ``target_modules: null``) adds none.
+
+    Attributes:
+        fixed_parameters: names of parameters that ``freeze`` / ``module.unfreeze`` never touch: frozen by a
+            component itself (Whisper's sinusoid table) or the base weights of LoRA-wrapped layers.
+        lora: the validated LoRA options, None without adapters.
+        lora_layers: names of the LoRA-wrapped layers.
 
     Raises:
-        ValueError: ``ctc_only`` with ``ctc_weight == 0``, or a tokenizer without ``<|AUDIO|>``.
+        ValueError: ``ctc_only`` with ``ctc_weight == 0``, or a tokenizer without ``<|AUDIO|>``; ``ctc_only`` with
+            LoRA adapters outside the encoder (they would get no gradient).
+        UserValueError: for a bad ``lora`` (see :func:`~aero_lightning.model.lora.lora_options` and
+            :func:`~aero_lightning.model.lora.apply_lora`).
     """
 
     def __init__(
@@ -123,6 +138,7 @@ class AeroModel(nn.Module):
         liger: Mapping | bool | None = None,
         loss_chunk_tokens: int = 4096,
         ctc_only: bool = False,
+        lora: Mapping | None = None,
     ):
         super().__init__()
         if ctc_only and ctc_weight <= 0:
@@ -147,6 +163,8 @@ class AeroModel(nn.Module):
         self.fixed_parameters = {n for n, p in self.named_parameters() if not p.requires_grad}
         if self.freeze_patterns:
             freeze_parameters(self, self.freeze_patterns)
+        self.lora = lora_options(lora)
+        self.lora_layers = self._add_lora() if self.lora else []
         self.refresh_frozen_components()
         if gradient_checkpointing:
             enable_activation_checkpointing(self.llm)
@@ -157,6 +175,22 @@ class AeroModel(nn.Module):
             self.liger = dict.fromkeys(self.liger, False)
         self.liger["fused_linear_cross_entropy"] &= liger_available()
         self.loss_chunk_tokens = int(loss_chunk_tokens)
+
+    def _add_lora(self) -> list[str]:
+        """Wrap the ``lora.target_modules`` layers (:func:`~aero_lightning.model.lora.apply_lora`); the base weights
+        of the wrapped layers join :attr:`fixed_parameters`, under their new names."""
+        fixed = {id(p) for n, p in self.named_parameters() if n in self.fixed_parameters}
+        layers = apply_lora(self, self.lora)
+        if self.ctc_only:
+            outside = [n for n in layers if not n.startswith("encoder.")]
+            if outside:
+                raise ValueError(
+                    f"model.ctc_only trains the encoder alone, but model.lora adapts {outside[:2]}: their adapters "
+                    "would get no gradient; use model/lora=none or target encoder layers only"
+                )
+        kept = {n for n, p in self.named_parameters() if id(p) in fixed}
+        self.fixed_parameters = kept | base_weight_names(self)
+        return layers
 
     def refresh_frozen_components(self) -> None:
         """Record which components are fully frozen (after a freeze or unfreeze) and set their train/eval mode."""

@@ -4,7 +4,8 @@
   ``from_pretrained`` (a hub id or a local folder), dispatching on ``model.encoder.type``: ``whisper`` (default,
   :class:`~aero_lightning.model.encoders.WhisperAudioEncoder`), ``hubert`` or ``wav2vec2``
   (:class:`~aero_lightning.model.ssl_encoders.SSLAudioEncoder`). It checks each component's architecture against the
-  config, builds a fresh projector, and copies weights from an earlier run (``init_from``).
+  config, builds a fresh projector, adds LoRA adapters (``model.lora``, :mod:`aero_lightning.model.lora`), and copies
+  weights from an earlier run (``init_from``), adapters included.
 - :func:`save_pretrained` / :func:`from_pretrained`: a self-describing folder (``encoder/``, ``llm/`` with the
   tokenizer, ``projector.safetensors``, ``aero_config.json``).
 - :func:`save_run_model` / :func:`model_from_run_folder`: the run's own model folder (``<run>/model/``: component
@@ -51,6 +52,7 @@ from aero_lightning.data.chat import AUDIO_SPECIAL_TOKENS
 from aero_lightning.errors import UserFileNotFoundError, UserValueError
 from aero_lightning.model.aero import AeroModel
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
+from aero_lightning.model.lora import is_adapter_name, map_lora_names, merged_state_dict
 from aero_lightning.model.projector import PROJECTORS, Projector, projector_spec
 from aero_lightning.model.ssl_encoders import SSL_TYPES, SSLAudioEncoder
 
@@ -196,6 +198,7 @@ def build_aero_model(
     loss_chunk_tokens: int = 4096,
     ctc_only: bool = False,
     init_from: Mapping | None = None,
+    lora: Mapping | None = None,
 ) -> AeroModel:
     """Load encoder and LLM with ``from_pretrained``, build a fresh projector, and assemble the model.
 
@@ -210,7 +213,11 @@ def build_aero_model(
             ``flash_attention_2``, ``sdpa``, ``eager``; :mod:`aero_lightning.model.attention`); None keeps each
             component's own ``attn_implementation``.
         init_from: ``{"ckpt": PATH, "include": [regex, ...]}``: then copy the matching weights from an earlier run
-            (:func:`load_weights_from`), e.g. the encoder of a ``ctc_only`` pre-training run.
+            (:func:`load_weights_from`), e.g. the encoder of a ``ctc_only`` pre-training run. It runs after the
+            LoRA adapters are added, so it restores a LoRA run's adapters too.
+        lora: ``model.lora`` (``conf/model/lora/*.yaml``): LoRA adapters on the layers its ``target_modules``
+            regexes name (:mod:`aero_lightning.model.lora`), added to the loaded weights; None or
+            ``target_modules: null`` for none.
 
     Returns:
         The :class:`~aero_lightning.model.aero.AeroModel`.
@@ -235,6 +242,7 @@ def build_aero_model(
         liger=liger,
         loss_chunk_tokens=loss_chunk_tokens,
         ctc_only=ctc_only,
+        lora=lora,
     )
     if init_from and init_from.get("ckpt"):
         load_weights_from(model, init_from["ckpt"], init_from.get("include") or [r"^encoder\."])
@@ -467,15 +475,21 @@ def load_weights_from(model: nn.Module, ckpt: str | os.PathLike, include: Sequen
         model: the model to update in place.
         ckpt: a Lightning checkpoint (file or sharded folder) of :class:`~aero_lightning.lit_module.AeroLitModule`
             or its run folder (``checkpoints/last.ckpt``).
-        include: regexes over the model's parameter and buffer names (``"^encoder\\."``, ``"^ctc_head\\."``).
+        include: regexes over the checkpoint's parameter and buffer names (``"^encoder\\."``, ``"^ctc_head\\."``,
+            ``"lora_"`` for a LoRA run's adapters).
+
+    Names are paired across LoRA wrapping (:func:`~aero_lightning.model.lora.map_lora_names`): a plain
+    ``<layer>.weight`` of a run without LoRA loads into ``<layer>.base_layer.weight`` of a model with LoRA on that
+    layer, and a LoRA run's ``<layer>.base_layer.weight`` into a plain layer; adapters load into the same adapters.
 
     Returns:
-        The names copied, sorted.
+        The model's names copied, sorted.
 
     Raises:
         FileNotFoundError: if ``ckpt`` does not exist.
         ValueError: if ``ckpt`` is not a training run's checkpoint, a pattern matches no weight of the checkpoint,
-            or a matching weight's shape differs.
+            a matching weight's shape differs, or the pattern selects LoRA adapters the model has no place for (a
+            model built without the source run's ``model.lora``).
     """
     path = resolve_checkpoint(ckpt)
     kind = checkpoint_kind(path)
@@ -484,9 +498,18 @@ def load_weights_from(model: nn.Module, ckpt: str | os.PathLike, include: Sequen
     source, _ = sharded_model_weights(path) if kind in SHARDED_KINDS else lightning_model_weights(path)
     own = model.state_dict()
     patterns = [re.compile(p) for p in include]
-    picked = {k: v for k, v in source.items() if k in own and any(p.search(k) for p in patterns)}
+    names = map_lora_names(list(source), list(own))
+    chosen = [k for k in source if any(p.search(k) for p in patterns)]
+    homeless = [k for k in chosen if k not in names and is_adapter_name(k)]
+    if homeless:
+        raise ValueError(
+            f"init_from: {path} holds LoRA adapters ({homeless[:2]}, {len(homeless)} in all) that this model has no "
+            "layer for: build it with the model.lora of that run (e.g. model/lora=llm), or leave the adapters out "
+            "of init_from.include"
+        )
+    picked = {names[k]: source[k] for k in chosen if k in names}
     for p in patterns:
-        if not any(p.search(k) for k in picked):
+        if not any(p.search(k) for k in chosen if k in names):
             raise ValueError(f"init_from: {p.pattern!r} matches no weight of {path}")
     wrong = [k for k, v in picked.items() if v.shape != own[k].shape]
     if wrong:
@@ -504,12 +527,22 @@ def load_weights_from(model: nn.Module, ckpt: str | os.PathLike, include: Sequen
 def save_pretrained(model: AeroModel, out_dir: str | os.PathLike) -> None:
     """Write ``encoder/``, ``llm/`` (with the tokenizer), ``projector.safetensors`` and ``aero_config.json``.
 
-    The CTC head is a training aid and is not written.
+    The CTC head is a training aid and is not written. LoRA adapters are merged into the weights they adapt
+    (:func:`~aero_lightning.model.lora.merged_state_dict`): the folder holds plain components.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.encoder.encoder.save_pretrained(out / "encoder")
-    model.llm.save_pretrained(out / "llm")
+    if model.lora_layers:
+        merged = merged_state_dict(model)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in merged.items() if k.startswith(prefix)}
+
+        model.encoder.encoder.save_pretrained(out / "encoder", state_dict=part("encoder.encoder."))
+        model.llm.save_pretrained(out / "llm", state_dict=part("llm."))
+    else:
+        model.encoder.encoder.save_pretrained(out / "encoder")
+        model.llm.save_pretrained(out / "llm")
     model.tokenizer.save_pretrained(out / "llm")
     save_file(
         {k: v.contiguous() for k, v in model.projector.state_dict().items()},
@@ -586,7 +619,7 @@ def save_run_model(model: AeroModel, out_dir: str | os.PathLike) -> Path:
         llm/generation_config.json
         llm/tokenizer.json, tokenizer_config.json, chat_template.jinja, ...   the tokenizer the model uses
         aero_model.json             encoder type and options, projector, end-of-turn token, CTC head, attention
-                                    backends and parameter dtypes
+                                    backends, parameter dtypes and the LoRA options (null without adapters)
 
     A Lightning checkpoint of the run holds every weight, so :func:`model_from_run_folder` plus the checkpoint
     restore the model without the encoder and LLM folders or hub ids the run started from, and without the data
@@ -626,6 +659,7 @@ def save_run_model(model: AeroModel, out_dir: str | os.PathLike) -> Path:
         "ctc_weight": model.ctc_weight,
         "ctc_only": model.ctc_only,
         "loss_chunk_tokens": model.loss_chunk_tokens,
+        "lora": model.lora,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -651,7 +685,7 @@ def save_run_model(model: AeroModel, out_dir: str | os.PathLike) -> Path:
 
 
 def model_from_run_folder(folder: str | os.PathLike, attn_implementation: str | None = None) -> AeroModel:
-    """Build the model that :func:`save_run_model` described, with random weights.
+    """Build the model that :func:`save_run_model` described, with random weights (LoRA adapters included).
 
     Nothing outside ``folder`` is read: the components are instantiated from their configs (random init) and the
     tokenizer is the folder's own. Load the weights from a checkpoint of the run afterwards (:func:`load_model`).
@@ -721,6 +755,7 @@ def model_from_run_folder(folder: str | os.PathLike, attn_implementation: str | 
         ctc_weight=spec.get("ctc_weight", 0.0),
         loss_chunk_tokens=spec.get("loss_chunk_tokens", 4096),
         ctc_only=spec.get("ctc_only", False),
+        lora=spec.get("lora"),
     )
 
 

@@ -76,7 +76,8 @@ def unfreezable(
     Args:
         module: the model.
         patterns: regexes over parameter names.
-        fixed: names a component keeps frozen itself (Whisper's sinusoid position table); never included.
+        fixed: names a component keeps frozen itself (Whisper's sinusoid position table) and the base weights of
+            LoRA-wrapped layers (``AeroModel.fixed_parameters``); never included.
 
     Raises:
         ValueError: if a pattern matches no such parameter.
@@ -85,7 +86,10 @@ def unfreezable(
     frozen = ((n, p) for n, p in module.named_parameters() if not p.requires_grad and n not in fixed)
     found, unused = match_parameters(patterns, frozen)
     if unused:
-        raise ValueError(f"unfreeze patterns {unused} match no frozen parameter (frozen by model.freeze)")
+        raise ValueError(
+            f"unfreeze patterns {unused} match no frozen parameter (frozen by model.freeze; the base weights of "
+            "LoRA-wrapped layers never unfreeze)"
+        )
     return found
 
 

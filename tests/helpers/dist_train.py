@@ -12,8 +12,9 @@ its shared-memory allreduce kernel (a C++ build, :func:`skip_shm_op_build`). Ran
 ``{"grads": first step's full gradients, "losses": global-batch loss per step, "sharded": {name: parameter is a
 DTensor or ZeRO-3 partition}, "params": flops.count_params of the model as the strategy holds it (as a dict),
 "local_numel": parameter elements held by rank 0 at the start of training, "generated": greedy ids of 4 new tokens
-for documents 0-1 after training}``. With ``RUN_DIR`` the trained model is saved there as a run folder
-(:func:`save_run`).
+for documents 0-1 after training, "trained": the trainable parameters' full values after training}``. With
+``RUN_DIR`` the trained model is saved there as a run folder (:func:`save_run`). The environment variable
+``DIST_TRAIN_MODEL`` (JSON) adds keyword arguments of ``build_aero_model``, e.g. ``{"lora": {...}, "freeze": [...]}``.
 Lightning's launcher re-executes this file once per extra rank (``LOCAL_RANK`` set).
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,6 +71,11 @@ class Capture(L.Callback):
         self.sharded: dict[str, bool] = {}
         self.params: dict = {}
         self.local_numel = 0
+
+    def result(self) -> dict:
+        """What rank 0 writes (module docstring)."""
+        keys = ("grads", "losses", "sharded", "params", "local_numel", "trained", "generated")
+        return {k: getattr(self, k) for k in keys}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.grads or self._micro + 1 < self.accum:
@@ -182,10 +189,14 @@ def run(
     rank: int = 0,
     precision: str = "32-true",
     run_dir: Path | None = None,
+    model_kwargs: dict | None = None,
 ):
     """Train ``steps`` optimizer steps; returns this rank's :class:`Capture`. With ``run_dir``, the trained model
-    is also saved there (:func:`save_run`)."""
-    model = build_model(tiny_dir)
+    is also saved there (:func:`save_run`). ``model_kwargs``: extra ``build_aero_model`` arguments (default: the
+    ``DIST_TRAIN_MODEL`` environment variable)."""
+    if model_kwargs is None:
+        model_kwargs = json.loads(os.environ.get("DIST_TRAIN_MODEL", "{}"))
+    model = build_model(tiny_dir, **model_kwargs)
     docs = documents(model)
     mine = docs[rank * len(docs) // world : (rank + 1) * len(docs) // world]
     batches = [
@@ -213,6 +224,8 @@ def run(
     trainer.fit(module, train_dataloaders=loader)
     if run_dir is not None:
         save_run(trainer, module, tiny_dir, run_dir)
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    capture.trained = {k: v for k, v in full_state_dict(trainer, module).items() if k in trainable}
     capture.generated = generate(module.model, docs[:2] if rank == 0 else docs[2:])
     return capture
 
@@ -286,6 +299,4 @@ if __name__ == "__main__":
         tiny, strategy, world, micro, accum, steps, lr, rank=rank, precision=precision, run_dir=run_dir
     )
     if rank == 0:
-        result = {"grads": capture.grads, "losses": capture.losses, "sharded": capture.sharded}
-        result |= {"params": capture.params, "local_numel": capture.local_numel}
-        torch.save(result | {"generated": capture.generated}, out)
+        torch.save(capture.result(), out)
