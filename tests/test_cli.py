@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aero_lightning.cli import run_key_value_cli
-from aero_lightning.data import prepare
+from aero_lightning.data import cache_encoder, prepare
 from aero_lightning.hf import export
 
 
@@ -20,7 +20,9 @@ def test_key_values_reach_the_function():
     assert run_key_value_cli(["a=1", "b=x"], "usage\n", _parse, lambda **kw: kw) == {"a": "1", "b": "x"}
 
 
-@pytest.mark.parametrize("main", [prepare.main, export.main], ids=["prepare", "export"])
+@pytest.mark.parametrize(
+    "main", [prepare.main, export.main, cache_encoder.main], ids=["prepare", "export", "cache_encoder"]
+)
 def test_help_prints_the_usage_and_exits_0(main, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -28,7 +30,9 @@ def test_help_prints_the_usage_and_exits_0(main, capsys):
     assert "usage" in capsys.readouterr().out.lower()
 
 
-@pytest.mark.parametrize("main", [prepare.main, export.main], ids=["prepare", "export"])
+@pytest.mark.parametrize(
+    "main", [prepare.main, export.main, cache_encoder.main], ids=["prepare", "export", "cache_encoder"]
+)
 def test_a_bad_argument_exits_2_with_the_error_and_usage(main, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["not-a-key-value"])
