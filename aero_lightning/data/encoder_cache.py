@@ -222,9 +222,14 @@ def check_encoder_frozen(
     params = [(n, p) for n, p in named_parameters if n.startswith("encoder.")]
     trainable = [n for n, p in params if p.requires_grad]
     if trainable:
+        fix = (
+            "LoRA adapters inside the encoder train it: adapt the LLM only (model/lora=llm)"
+            if any(".lora_" in n for n in trainable)
+            else "add '^encoder\\.' to model.freeze"
+        )
         raise UserValueError(
             f"data.encoder_cache=true needs a frozen encoder, but {len(trainable)} encoder parameter tensor(s) "
-            f"train (e.g. {trainable[0]}): add '^encoder\\.' to model.freeze, or set data.encoder_cache=false"
+            f"train (e.g. {trainable[0]}): {fix}, or set data.encoder_cache=false"
         )
     patterns = [re.compile(p) for p in unfreeze_patterns]
     later = [n for n, _ in params if n not in fixed and any(p.search(n) for p in patterns)]

@@ -444,3 +444,16 @@ def test_cli_init_from_takes_the_encoder_of_a_training_run(make_model, split, ti
     )
     assert manifest["fingerprint"] == model_encoder_fingerprint(model).sha256
     assert manifest["fingerprint"] != model_encoder_fingerprint(make_model()).sha256
+
+
+def test_lora_on_the_llm_keeps_the_cache_and_lora_in_the_encoder_is_refused(make_model):
+    """Stage 2 of the tiny-audio recipe (LoRA on the frozen LLM) reads the same cache; adapters inside the encoder
+    train it, so its outputs would move: refused."""
+    llm_lora = {"target_modules": [r"^llm\.model\.layers\.\d+\.self_attn\.(q|v)_proj$"], "r": 4, "alpha": 8}
+    with_llm_lora = make_model(freeze=[*FROZEN, r"^llm\."], lora=llm_lora)
+    check_encoder_frozen(with_llm_lora.named_parameters(), (), with_llm_lora.fixed_parameters)
+    assert model_encoder_fingerprint(with_llm_lora).sha256 == model_encoder_fingerprint(make_model()).sha256
+    encoder_lora = {"target_modules": [r"^encoder\.encoder\.layers\.\d+\.fc1$"], "r": 4, "alpha": 8}
+    with_encoder_lora = make_model(freeze=FROZEN, lora=encoder_lora)
+    with pytest.raises(UserValueError, match=r"needs a frozen encoder.*lora_A.*model/lora=llm"):
+        check_encoder_frozen(with_encoder_lora.named_parameters(), (), with_encoder_lora.fixed_parameters)
