@@ -1,9 +1,9 @@
 """transformers configuration of an exported Aero audio LLM (copied into the export folder as remote code).
 
-The config nests the Whisper encoder's config (``encoder_config``) and the causal LM's config (``text_config``, e.g.
-Qwen2) and adds the projector, the prompt and the generation budget used by the ASR pipeline. The exporter copies
-the chat module beside it, so the export folder loads with ``trust_remote_code=True`` without aero_lightning
-installed.
+The config nests the audio encoder's config (``encoder_config``: Whisper, HuBERT or wav2vec 2.0) and the causal LM's
+config (``text_config``, e.g. Qwen2) and adds the projector, the prompt and the generation budget used by the ASR
+pipeline. The exporter copies the chat module beside it, so the export folder loads with ``trust_remote_code=True``
+without aero_lightning installed.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ class AeroConfig(PreTrainedConfig):
     """Config of :class:`AeroForConditionalGeneration`.
 
     Attributes:
-        encoder_config: the Whisper encoder's config (``model_type: whisper``; only the encoder is built).
+        encoder_config: the audio encoder's config; its ``model_type`` picks the encoder: ``whisper`` (only the
+            encoder is built), ``hubert`` or ``wav2vec2`` (the model without a CTC head).
         text_config: the causal LM's config (any ``AutoModelForCausalLM`` type; ``qwen2`` for Aero).
         projector: ``{"type": "mlp_stack", "stack_factor", "hidden_dim"}`` or ``{"type": "avgpool_linear",
             "pool"}``.
-        padding_free: encode each 30 s window on its true length (as trained) instead of padding to 30 s.
+        padding_free: encode each 30 s window on its true length (as trained) instead of padding to 30 s (Whisper;
+            HuBERT and wav2vec 2.0 always run on the true length).
         encoder_attn_implementation: attention backend of the encoder (``varlen``: packed windows, one SDPA call
             per window on CPU; ``sdpa``; ``eager``).
         end_of_turn_token: the chat template's end-of-turn token; it stops generation.

@@ -5,14 +5,17 @@
 The folder holds:
 
 - ``model.safetensors`` (AeroModel's parameter names: ``encoder.encoder.*``, ``projector.*``, ``llm.*``; tied
-  embeddings stored once) and ``config.json`` (:class:`AeroConfig`: nested Whisper-encoder and LLM configs,
-  projector, prompt, generation budget; ``auto_map`` and ``custom_pipelines`` for ``trust_remote_code``);
+  embeddings stored once) and ``config.json`` (:class:`AeroConfig`: nested encoder (Whisper, HuBERT or wav2vec 2.0)
+  and LLM configs, projector, prompt, generation budget; ``auto_map`` and ``custom_pipelines`` for
+  ``trust_remote_code``);
 - the tokenizer (with its chat template and the audio special tokens), ``preprocessor_config.json``
-  (:class:`AeroFeatureExtractor`: 30 s windows + log-mel) and ``processor_config.json`` (:class:`AeroProcessor`,
-  what ``AutoProcessor`` loads: prompt + features for ``AutoModel``'s ``generate``);
+  (:class:`AeroFeatureExtractor`: 30 s windows, then log-mel for Whisper or the normalised waveform for HuBERT and
+  wav2vec 2.0, and the audio token count of aero_lightning/data/audio_tokens.py) and ``processor_config.json``
+  (:class:`AeroProcessor`, what ``AutoProcessor`` loads: prompt + features for ``AutoModel``'s ``generate``);
 - the model code: ``configuration_aero.py``, ``modeling_aero.py``, ``feature_extraction_aero.py``,
-  ``processing_aero.py``, ``pipeline_aero.py`` and the aero_lightning modules they use (encoder adapter, projector,
-  packed attention, log-mel, chat prompt, repetition guard, chunking), copied with their ``aero_lightning`` imports made relative, so the folder needs only torch,
+  ``processing_aero.py``, ``pipeline_aero.py`` and the aero_lightning modules they use (encoder adapters,
+  projector, packed attention, log-mel, waveform normalisation, audio token count, chat prompt, repetition guard,
+  chunking), copied with their ``aero_lightning`` imports made relative, so the folder needs only torch,
   transformers, numpy (and soundfile + soxr to read files);
 - ``README.md`` with usage.
 
@@ -51,10 +54,11 @@ from aero_lightning.model.build import load_model
 from aero_lightning.model.encoders import WhisperAudioEncoder
 from aero_lightning.model.lora import merged_state_dict
 from aero_lightning.model.projector import projector_spec
+from aero_lightning.model.ssl_encoders import SSLAudioEncoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export", "main", "remote_code_files"]
+__all__ = ["export", "feature_extractor_for", "main", "remote_code_files"]
 
 PACKAGE_ROOT = Path(aero_lightning.__file__).resolve().parent
 ENTRY_FILES = (
@@ -162,7 +166,7 @@ def build_config(
         encoder_config=encoder_config,
         text_config=text_config,
         projector=projector_spec(model.projector),
-        padding_free=bool(model.encoder.padding_free),
+        padding_free=bool(getattr(model.encoder, "padding_free", True)),
         encoder_attn_implementation=model.encoder.config._attn_implementation or "sdpa",
         end_of_turn_token=model.end_of_turn_token,
         audio_token_id=int(model.audio_token_id),
@@ -186,11 +190,36 @@ def build_config(
     return config
 
 
-def _write_readme(out: Path, prompt: str) -> None:
+def feature_extractor_for(model: AeroModel) -> AeroFeatureExtractor:
+    """The export's feature extractor: the encoder input ``model`` computes, and its audio token count.
+
+    Whisper encoders get log-mel (``num_mel_bins``, and the 30 s padding's frames when ``padding_free`` is off);
+    HuBERT / wav2vec 2.0 encoders get the waveform, normalised when the encoder normalises (``normalize``), which
+    the exported encoder then leaves to the extractor.
+    """
+    counts = {
+        "encoder_downsample": model.audio_token_counter().encoder_downsample,
+        "projector_downsample": model.projector.downsample,
+    }
+    if isinstance(model.encoder, SSLAudioEncoder):
+        return AeroFeatureExtractor(feature_type="waveform", do_normalize=model.encoder.normalize, **counts)
+    return AeroFeatureExtractor(
+        num_mel_bins=model.encoder.num_mel_bins, pad_to_window=not model.encoder.padding_free, **counts
+    )
+
+
+def _encoder_description(model: AeroModel) -> str:
+    if isinstance(model.encoder, SSLAudioEncoder):
+        kind = {"hubert": "HuBERT", "wav2vec2": "wav2vec 2.0"}[model.encoder.encoder.config.model_type]
+        return f"{kind} encoder (30 s windows of the normalised waveform, 50 frames per second)"
+    return "Whisper-architecture encoder (padding-free 30 s windows)"
+
+
+def _write_readme(out: Path, prompt: str, encoder: str) -> None:
     (out / "README.md").write_text(
         "---\nlibrary_name: transformers\npipeline_tag: automatic-speech-recognition\n---\n\n"
         "# Aero audio LLM (exported by aero_lightning)\n\n"
-        "Whisper-architecture encoder (padding-free 30 s windows) -> projector -> causal LM. A recording goes into "
+        f"{encoder} -> projector -> causal LM. A recording goes into "
         "one LLM context up to what a pass holds (the LLM's context, at most `max_pass_s` in config.json); longer "
         "ones are transcribed in overlapping chunks (`chunk_length_s`, `stride_length_s`). A repetition guard "
         "stops a reply that loops.\n\n"
@@ -291,7 +320,7 @@ def export(
 
     Raises:
         FileExistsError: if ``out`` is not empty and ``overwrite`` is false.
-        NotImplementedError: for a non-Whisper audio encoder (HuBERT / wav2vec 2.0 models are not exportable yet).
+        NotImplementedError: for an encoder other than Whisper, HuBERT and wav2vec 2.0.
         RuntimeError: if verification fails.
     """
     out = Path(out)
@@ -300,9 +329,10 @@ def export(
             raise FileExistsError(f"{out} is not empty; pass overwrite=true to replace it")
         shutil.rmtree(out)
     model = ckpt if isinstance(ckpt, AeroModel) else load_model(ckpt, device="cpu", config=config)
-    if not isinstance(model.encoder, WhisperAudioEncoder):
+    if not isinstance(model.encoder, (WhisperAudioEncoder, SSLAudioEncoder)):
         raise NotImplementedError(
-            f"export supports Whisper-architecture encoders; this model's encoder is {type(model.encoder).__name__}"
+            "export supports Whisper, HuBERT and wav2vec 2.0 encoders; this model's encoder is "
+            f"{type(model.encoder).__name__}"
         )
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     options = generation or GenerationOptions()
@@ -313,13 +343,7 @@ def export(
     cfg = build_config(model, prompt, options, torch_dtype)
     cfg.save_pretrained(out)
     model.tokenizer.save_pretrained(out)
-    fe = AeroFeatureExtractor(
-        num_mel_bins=model.encoder.num_mel_bins,
-        encoder_downsample=model.audio_token_counter().encoder_downsample,
-        projector_downsample=model.projector.downsample,
-        pad_to_window=not model.encoder.padding_free,
-    )
-    fe.save_pretrained(out)
+    feature_extractor_for(model).save_pretrained(out)
     pre = out / "preprocessor_config.json"
     pre_cfg = json.loads(pre.read_text())
     pre_cfg["auto_map"] = {"AutoFeatureExtractor": "feature_extraction_aero.AeroFeatureExtractor"}
@@ -331,7 +355,7 @@ def export(
         "end_of_turn_token": model.end_of_turn_token,
     }
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
-    _write_readme(out, prompt)
+    _write_readme(out, prompt, _encoder_description(model))
     logger.info(
         "exported %s to %s", getattr(ckpt, "name", ckpt) if not isinstance(ckpt, AeroModel) else "model", out
     )

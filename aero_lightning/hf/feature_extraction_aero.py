@@ -1,9 +1,15 @@
 """Feature extractor of an exported Aero audio LLM (copied into the export folder as remote code).
 
-Cuts each 16 kHz mono clip into 30 s windows (the last one short), computes Whisper log-mel per window on its true
-length with the same :class:`LogMelSpectrogram` the training code uses (equal to ``WhisperFeatureExtractor`` on
-every valid frame), and counts each clip's ``<|AUDIO|>`` slots with the training code's
-:class:`~aero_lightning.data.audio_tokens.AudioTokenCounter`.
+Cuts each 16 kHz mono clip into 30 s windows (the last one short) and gives the encoder's input per window:
+
+- ``feature_type="log_mel"`` (Whisper encoders): Whisper log-mel on the window's true length with the same
+  :class:`LogMelSpectrogram` the training code uses (equal to ``WhisperFeatureExtractor`` on every valid frame);
+- ``feature_type="waveform"`` (HuBERT, wav2vec 2.0): the raw waveform, normalised per window to zero mean and unit
+  variance as ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does, with the training code's own
+  :func:`~aero_lightning.model.ssl_encoders.normalize_windows`.
+
+Each clip's ``<|AUDIO|>`` slots are counted with the training code's
+:class:`~aero_lightning.data.audio_tokens.AudioTokenCounter` (the same count for every encoder type).
 """
 
 from __future__ import annotations
@@ -14,19 +20,29 @@ from transformers.feature_extraction_utils import BatchFeature, FeatureExtractio
 
 from aero_lightning.data.audio_tokens import SAMPLE_RATE_HZ, WINDOW_SAMPLES, AudioTokenCounter
 from aero_lightning.data.features import LogMelSpectrogram
+from aero_lightning.model.ssl_encoders import normalize_windows
+
+FEATURE_TYPES = ("log_mel", "waveform")
 
 
 class AeroFeatureExtractor(FeatureExtractionMixin):
-    """Windows + log-mel for :class:`AeroForConditionalGeneration`.
+    """Windows + log-mel (or normalised waveforms) for :class:`AeroForConditionalGeneration`.
 
     Args:
-        num_mel_bins: mel bins of the encoder (80 or 128).
-        encoder_downsample: log-mel frames per encoder frame (2 for Whisper).
+        num_mel_bins: mel bins of a Whisper encoder (80 or 128); unused for waveforms.
+        encoder_downsample: log-mel frames per encoder frame (2: Whisper's stride-2 conv; HuBERT and wav2vec 2.0
+            adapters give the same frame count).
         projector_downsample: encoder frames per LLM token (the projector's stack or pool factor).
         sampling_rate: expected input rate in Hz (16 000).
         window_samples: samples per encoder window (480 000 = 30 s).
         pad_to_window: also give each window the log-mel of its zero padding up to 30 s, as
             ``WhisperFeatureExtractor`` does, for a model exported with ``padding_free: false``.
+        feature_type: ``"log_mel"`` (Whisper) or ``"waveform"`` (HuBERT, wav2vec 2.0); module docstring.
+        do_normalize: normalise each waveform window to zero mean and unit variance (``feature_type="waveform"``
+            only; the training encoder's ``normalize``).
+
+    Raises:
+        ValueError: for an unknown ``feature_type``.
     """
 
     model_input_names = ["input_features", "feature_lengths"]
@@ -39,9 +55,15 @@ class AeroFeatureExtractor(FeatureExtractionMixin):
         sampling_rate: int = SAMPLE_RATE_HZ,
         window_samples: int = WINDOW_SAMPLES,
         pad_to_window: bool = False,
+        feature_type: str = "log_mel",
+        do_normalize: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if feature_type not in FEATURE_TYPES:
+            raise ValueError(f"feature_type must be one of {FEATURE_TYPES}, got {feature_type!r}")
+        self.feature_type = feature_type
+        self.do_normalize = bool(do_normalize)
         self.num_mel_bins = int(num_mel_bins)
         self.encoder_downsample = int(encoder_downsample)
         self.projector_downsample = int(projector_downsample)
@@ -77,15 +99,17 @@ class AeroFeatureExtractor(FeatureExtractionMixin):
         return self.counter(num_samples)
 
     def __call__(self, raw_speech, sampling_rate: int | None = None, return_tensors: str = "pt", **kwargs):
-        """Log-mel windows of one clip or a list of clips.
+        """Encoder inputs of the windows of one clip or a list of clips.
 
         Args:
             raw_speech: a ``(T,)`` float array or a list of them, 16 kHz mono.
             sampling_rate: must be 16 000 when given (resample first).
 
         Returns:
-            ``BatchFeature`` with ``input_features (W, num_mel_bins, T_max)`` float32, ``feature_lengths (W,)``
-            valid frames, ``windows_per_clip (B,)`` and ``num_audio_tokens (B,)``; windows are in clip order.
+            ``BatchFeature`` with ``input_features`` float32, ``feature_lengths (W,)``, ``windows_per_clip (B,)``
+            and ``num_audio_tokens (B,)``; windows are in clip order. ``input_features`` is ``(W, num_mel_bins,
+            T_max)`` log-mel with ``feature_lengths`` valid frames, or for ``feature_type="waveform"`` ``(W,
+            N_max)`` waveforms (zero past each window's end) with ``feature_lengths`` valid samples.
 
         Raises:
             ValueError: on another sampling rate or an empty clip.
@@ -113,11 +137,11 @@ class AeroFeatureExtractor(FeatureExtractionMixin):
         audio = torch.zeros((len(windows), int(lengths.max())), dtype=torch.float32)  # (W, N)
         for i, w in enumerate(windows):
             audio[i, : len(w)] = torch.from_numpy(np.ascontiguousarray(w))
-        if self._log_mel is None:
-            self._log_mel = LogMelSpectrogram(
-                num_mel_bins=self.num_mel_bins, pad_to_window=self.pad_to_window
-            )
-        features, feature_lengths = self._log_mel(audio, lengths)  # (W, n_mels, T), (W,)
+        if self.feature_type == "waveform":
+            features = normalize_windows(audio, lengths) if self.do_normalize else audio  # (W, N)
+            feature_lengths = lengths
+        else:
+            features, feature_lengths = self._log_mel_features(audio, lengths)  # (W, n_mels, T), (W,)
         data = {
             "input_features": features,
             "feature_lengths": feature_lengths,
@@ -125,3 +149,13 @@ class AeroFeatureExtractor(FeatureExtractionMixin):
             "num_audio_tokens": torch.tensor(tokens, dtype=torch.long),
         }
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _log_mel_features(
+        self, audio: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel ``(W, n_mels, T)`` and valid frames ``(W,)`` of ``(W, N)`` windows of ``(W,)`` samples."""
+        if self._log_mel is None:
+            self._log_mel = LogMelSpectrogram(
+                num_mel_bins=self.num_mel_bins, pad_to_window=self.pad_to_window
+            )
+        return self._log_mel(audio, lengths)

@@ -1,17 +1,26 @@
 """transformers model of an exported Aero audio LLM (copied into the export folder as remote code).
 
-Whisper encoder (padding-free 30 s windows) -> projector -> causal LM, with the projected audio scattered into the
-``<|AUDIO|>`` slots of the LLM's input embeddings, exactly as :class:`aero_lightning.model.aero.AeroModel` does at
-inference (:func:`aero_lightning.model.splice.splice_audio`). The encoder, projector, attention and chat modules are copies of aero_lightning's own files (the
-exporter rewrites their ``aero_lightning`` imports into relative ones), so the exported model computes what the
-trained one computes; the weights are one ``model.safetensors`` with AeroModel's parameter names.
+Audio encoder -> projector -> causal LM, with the projected audio scattered into the ``<|AUDIO|>`` slots of the LLM's
+input embeddings, exactly as :class:`aero_lightning.model.aero.AeroModel` does at inference
+(:func:`aero_lightning.model.splice.splice_audio`). The encoder is the one the model was trained with, chosen by
+``config.encoder_config.model_type``: Whisper (padding-free 30 s windows of log-mel) or HuBERT / wav2vec 2.0 (30 s
+windows of the normalised waveform). The encoder, projector, attention and chat modules are copies of
+aero_lightning's own files (the exporter rewrites their ``aero_lightning`` imports into relative ones), so the
+exported model computes what the trained one computes; the weights are one ``model.safetensors`` with AeroModel's
+parameter names.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, StoppingCriteriaList
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedModel,
+    StoppingCriteriaList,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from aero_lightning.eval.repetition_guard import RepetitionGuard, repetition_guard_from
@@ -19,6 +28,7 @@ from aero_lightning.hf.configuration_aero import AeroConfig
 from aero_lightning.model.encoders import PaddingFreeWhisperEncoder, WhisperAudioEncoder
 from aero_lightning.model.projector import AvgPoolProjector, MLPStackProjector
 from aero_lightning.model.splice import splice_audio
+from aero_lightning.model.ssl_encoders import SSL_TYPES, SSLAudioEncoder
 
 
 def build_projector(spec: dict, encoder_dim: int, llm_dim: int) -> nn.Module:
@@ -43,14 +53,43 @@ class AeroPreTrainedModel(PreTrainedModel):
     base_model_prefix = "aero"
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = False
-    _no_split_modules = ["WhisperEncoderLayer", "Qwen2DecoderLayer"]
+    _no_split_modules = [
+        "WhisperEncoderLayer",
+        "HubertEncoderLayer",
+        "HubertEncoderLayerStableLayerNorm",
+        "Wav2Vec2EncoderLayer",
+        "Wav2Vec2EncoderLayerStableLayerNorm",
+        "Qwen2DecoderLayer",
+    ]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
 
 
+def build_encoder(config: AeroConfig) -> nn.Module:
+    """The audio encoder adapter for ``config.encoder_config`` (its ``model_type`` picks it).
+
+    Whisper: :class:`WhisperAudioEncoder` with the export's ``padding_free``; HuBERT / wav2vec 2.0:
+    :class:`SSLAudioEncoder` with ``normalize=False``, since the export's feature extractor hands it windows already
+    normalised.
+
+    Raises:
+        ValueError: for another encoder architecture.
+    """
+    enc_config = config.encoder_config
+    enc_config._attn_implementation = config.encoder_attn_implementation
+    if enc_config.model_type == "whisper":
+        return WhisperAudioEncoder(PaddingFreeWhisperEncoder(enc_config), padding_free=config.padding_free)
+    if enc_config.model_type in SSL_TYPES:
+        return SSLAudioEncoder(AutoModel.from_config(enc_config), normalize=False)
+    raise ValueError(
+        f"encoder_config.model_type is {enc_config.model_type!r}; expected 'whisper' or one of {SSL_TYPES}"
+    )
+
+
 class AeroForConditionalGeneration(AeroPreTrainedModel):
-    """Audio LLM: ``encoder`` (Whisper, padding-free windows) -> ``projector`` -> ``llm`` (causal LM).
+    """Audio LLM: ``encoder`` (Whisper, HuBERT or wav2vec 2.0 on 30 s windows) -> ``projector`` -> ``llm`` (causal
+    LM).
 
     Args:
         config: :class:`AeroConfig`.
@@ -58,12 +97,10 @@ class AeroForConditionalGeneration(AeroPreTrainedModel):
 
     def __init__(self, config: AeroConfig):
         super().__init__(config)
-        enc_config = config.encoder_config
-        enc_config._attn_implementation = config.encoder_attn_implementation
-        self.encoder = WhisperAudioEncoder(
-            PaddingFreeWhisperEncoder(enc_config), padding_free=config.padding_free
+        self.encoder = build_encoder(config)
+        self.projector = build_projector(
+            config.projector, self.encoder.hidden_size, config.text_config.hidden_size
         )
-        self.projector = build_projector(config.projector, enc_config.d_model, config.text_config.hidden_size)
         self.llm = AutoModelForCausalLM.from_config(config.text_config)
         if getattr(config, "llm_generation_config", None):
             self.llm.generation_config = GenerationConfig.from_dict(dict(config.llm_generation_config))
@@ -82,8 +119,9 @@ class AeroForConditionalGeneration(AeroPreTrainedModel):
 
         Args:
             input_ids: ``(B, L)`` prompt ids.
-            input_features: ``(W, num_mel_bins, T)`` log-mel windows of all clips, in slot order.
-            feature_lengths: ``(W,)`` valid frames per window.
+            input_features: the feature extractor's windows of all clips, in slot order: ``(W, num_mel_bins, T)``
+                log-mel (Whisper) or ``(W, N)`` normalised waveforms (HuBERT, wav2vec 2.0).
+            feature_lengths: ``(W,)`` valid log-mel frames or samples per window.
 
         Returns:
             ``(B, L, D_llm)``.

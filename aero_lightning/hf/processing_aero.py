@@ -1,8 +1,8 @@
 """Processor of an exported Aero audio LLM (copied into the export folder as remote code).
 
 ``AutoProcessor.from_pretrained(EXPORT_DIR, trust_remote_code=True)`` returns an :class:`AeroProcessor`: the
-feature extractor (30 s windows + log-mel) and the tokenizer together, turning audio (and an optional instruction)
-into exactly the inputs ``AutoModel``'s ``generate`` takes::
+feature extractor (30 s windows, then log-mel or the normalised waveform) and the tokenizer together, turning audio
+(and an optional instruction) into exactly the inputs ``AutoModel``'s ``generate`` takes::
 
     processor = AutoProcessor.from_pretrained(EXPORT_DIR, trust_remote_code=True)
     model = AutoModel.from_pretrained(EXPORT_DIR, trust_remote_code=True)
@@ -129,9 +129,10 @@ class AeroProcessor(ProcessorMixin):
             return_tensors: ``"pt"``.
 
         Returns:
-            ``BatchFeature`` with ``input_ids (B, L)`` left-padded and ``attention_mask (B, L)``, ``input_features
-            (W, num_mel_bins, T)`` and ``feature_lengths (W,)`` of every clip's 30 s windows in clip order: the
-            keyword arguments of the model's ``forward`` and ``generate``.
+            ``BatchFeature`` with ``input_ids (B, L)`` left-padded and ``attention_mask (B, L)``, ``input_features``
+            and ``feature_lengths (W,)`` of every clip's 30 s windows in clip order (``(W, num_mel_bins, T)`` log-mel
+            for a Whisper encoder, ``(W, N)`` normalised waveforms for HuBERT / wav2vec 2.0; see the feature
+            extractor): the keyword arguments of the model's ``forward`` and ``generate``.
 
         Raises:
             ValueError: without audio, for a prompt count that does not match, or for unreadable audio.

@@ -9,8 +9,9 @@ count and the data pipeline's token budgets hold unchanged. Each window is zero-
 the conv stack needs for that many frames.
 
 The encoders take waveforms, not log-mel: their feature extractor (:class:`WaveformWindows`) hands the 30 s
-waveform windows through unchanged. :func:`aero_lightning.model.build.build_aero_model` picks this adapter for
-``model.encoder.type`` ``hubert`` or ``wav2vec2``.
+waveform windows through unchanged, and the adapter normalises each window (:func:`normalize_windows`).
+:func:`aero_lightning.model.build.build_aero_model` picks this adapter for ``model.encoder.type`` ``hubert`` or
+``wav2vec2``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,31 @@ def conv_geometry(kernels: Sequence[int], strides: Sequence[int]) -> tuple[int, 
     return field, jump
 
 
+def normalize_windows(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero-mean unit-variance normalisation of each window over its valid samples; samples past a window's
+    length become 0.
+
+    The formula of ``transformers.Wav2Vec2FeatureExtractor(do_normalize=True)`` (``zero_mean_unit_var_norm``:
+    ``(x - mean) / sqrt(var + 1e-7)`` with the population variance, padding set to 0), in torch: the
+    :class:`SSLAudioEncoder` of training and the exported feature extractor (aero_lightning/hf) both call this
+    function, so they give the same numbers for the same windows.
+
+    Args:
+        waveforms: ``(W, N)`` float 16 kHz windows; what lies past a window's length is ignored.
+        lengths: ``(W,)`` valid samples per window, >= 1.
+
+    Returns:
+        ``(W, N)`` float32.
+    """
+    x = waveforms.float()
+    valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]  # (W, N)
+    x = x * valid
+    count = lengths.to(device=x.device, dtype=x.dtype)[:, None]  # (W, 1)
+    mean = x.sum(-1, keepdim=True) / count
+    var = ((x - mean) * valid).pow(2).sum(-1, keepdim=True) / count
+    return (x - mean) / torch.sqrt(var + 1e-7) * valid
+
+
 class WaveformWindows(nn.Module):
     """Feature extractor for waveform encoders: returns the 30 s windows unchanged.
 
@@ -77,9 +103,10 @@ class SSLAudioEncoder(nn.Module):
 
     Args:
         encoder: a loaded HF ``HubertModel`` or ``Wav2Vec2Model``.
-        normalize: zero-mean unit-variance normalisation of each window over its valid samples, as
-            ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does for the large checkpoints (``hubert-large-ll60k``,
-            ``wav2vec2-large-lv60``).
+        normalize: zero-mean unit-variance normalisation of each window over its valid samples
+            (:func:`normalize_windows`), as ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does for the large
+            checkpoints (``hubert-large-ll60k``, ``wav2vec2-large-lv60``). A model exported to transformers
+            (aero_lightning/hf) builds this adapter with ``normalize=False``: its feature extractor normalises.
 
     The attention mask marks each window's valid samples, so frames never attend to another window's padding;
     checkpoints whose conv stack uses group norm over time (``feat_extract_norm="group"``, the base models) still
@@ -169,17 +196,14 @@ class SSLAudioEncoder(nn.Module):
         lengths = lengths.to(device=device, dtype=torch.long)
         frames = samples_encoder_frames(lengths)  # (W,)
         needed = self.receptive_field + (frames - 1) * self.stride  # (W,) samples giving exactly `frames`
-        total = int(needed.max())
-        x = waveforms.float()[:, :total]
-        x = nn.functional.pad(x, (0, total - x.shape[1]))  # (W, total)
-        idx = torch.arange(total, device=device)[None, :]
-        valid = idx < lengths[:, None]  # (W, total) real samples
-        x = x * valid
+        total = int(needed.max())  # the usual conv stack (400, 320) needs 80 + 320 * frames > n samples
+        x = waveforms.float()
         if self.normalize:
-            count = lengths[:, None].to(x.dtype)
-            mean = x.sum(-1, keepdim=True) / count
-            var = ((x - mean) * valid).pow(2).sum(-1, keepdim=True) / count
-            x = (x - mean) / torch.sqrt(var + 1e-7) * valid  # (W, total)
+            x = normalize_windows(x, lengths)  # (W, N), zero past each length
+        else:
+            x = x * (torch.arange(x.shape[1], device=device)[None, :] < lengths[:, None])
+        x = nn.functional.pad(x[:, :total], (0, max(0, total - x.shape[1])))  # (W, total)
+        idx = torch.arange(total, device=device)[None, :]
         attention_mask = (idx < needed[:, None]).long()  # (W, total): what the conv stack may use
         dtype = next(self.encoder.parameters()).dtype
         hidden = self.encoder(x.to(dtype), attention_mask=attention_mask).last_hidden_state  # (W, S, D)

@@ -42,7 +42,12 @@ def compose_train(run_dir: Path, overrides: tuple[str, ...] = ()):
 
 
 def write_lightning_run(
-    run_dir: Path, model_dir: Path, seed: int = 0, plain_text: bool = False, run_model: bool = True
+    run_dir: Path,
+    model_dir: Path,
+    seed: int = 0,
+    plain_text: bool = False,
+    run_model: bool = True,
+    overrides: tuple[str, ...] = (),
 ) -> Path:
     """A demo run folder: ``config.yaml``, ``model/`` (``save_run_model``, unless ``run_model`` is False: a run
     written before runs carried it) and ``checkpoints/last.ckpt`` (weights under ``state_dict`` with the ``model.``
@@ -50,9 +55,9 @@ def write_lightning_run(
 
     ``plain_text`` zeroes the (tied) embedding rows of the special and whitespace-only tokens, so the random
     model's greedy replies are visible text instead of tokens that decoding removes or strips (texts to compare are
-    then not all empty).
+    then not all empty). ``overrides`` are further train.py overrides (another encoder: ``model/encoder=...``).
     """
-    cfg = compose_train(run_dir, ("experiment=demo", f"paths.demo_model_dir={model_dir}"))
+    cfg = compose_train(run_dir, ("experiment=demo", f"paths.demo_model_dir={model_dir}", *overrides))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(seed)
